@@ -1,0 +1,18 @@
+"""Datasets: read Parquet/CSV from any ``pyarrow.fs`` URI, fingerprint all of it, synthesize.
+
+The fingerprint covers every byte of the data (MLflow's dataset digest samples 10k rows and
+is not a version).
+"""
+
+from runtime.data._io import dataset_fingerprint, list_data_files, read_table, table_fingerprint
+from runtime.data._synthetic import SyntheticConfig, generate_synthetic, synthetic_feature_spec
+
+__all__ = [
+    "SyntheticConfig",
+    "dataset_fingerprint",
+    "generate_synthetic",
+    "list_data_files",
+    "read_table",
+    "synthetic_feature_spec",
+    "table_fingerprint",
+]

@@ -1,0 +1,66 @@
+"""The model architectures skewless trains and serves, rebuilt from a plain JSON config.
+
+A model is described by a JSON-able dict (``architecture`` plus its hyperparameters) that
+travels in the model artifact beside the safetensors weights, so loading never unpickles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "build_model", "output_dim_for"]
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class MLP(nn.Module):
+    """A plain multilayer perceptron over the preprocessed float32 feature matrix."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        hidden: list[int],
+        dropout: float = 0.0,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = input_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, output_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+def output_dim_for(task: str, num_classes: int | None) -> int:
+    """Binary and regression heads have one output; multiclass one logit per class."""
+    if task == "multiclass":
+        if not num_classes or num_classes < 2:
+            raise ValueError(f"multiclass needs >= 2 classes, got {num_classes}")
+        return num_classes
+    return 1
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from its artifact config (``architecture`` + hyperparameters)."""
+    arch = config.get("architecture")
+    if arch == "mlp":
+        return MLP(
+            input_dim=int(config["input_dim"]),
+            output_dim=int(config["output_dim"]),
+            hidden=[int(h) for h in config["hidden"]],
+            dropout=float(config.get("dropout", 0.0)),
+            activation=str(config.get("activation", "relu")),
+        )
+    raise ValueError(f"unknown model architecture {arch!r}; known: ['mlp']")

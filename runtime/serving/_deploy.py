@@ -1,0 +1,66 @@
+"""``skewless serve deploy``: validate a Serve config, then hand it to Ray as `serve deploy` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runtime.config import ServeAppArgs, load_config
+from runtime.errors import ConfigError, ServingError
+
+PREDICTOR_IMPORT_PATH = "serve_apps.predictor:app"
+
+
+def validate_serve_config(config: dict[str, Any], source: str) -> Any:
+    """Ray's own schema first, then skewless's args for each predictor application."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: not a valid Serve config:\n{exc}") from None
+    for app in schema.applications:
+        if app.import_path == PREDICTOR_IMPORT_PATH:
+            load_config(ServeAppArgs, dict(app.args or {}))
+    return schema
+
+
+def run_app(app: Any, name: str, route_prefix: str) -> None:
+    """``serve.run`` that, when replicas fail to start, raises with *their* error messages.
+
+    Serve's own exception only says "Failed to update the deployments"; the cause (a
+    fingerprint mismatch, a missing model) is in the deployment status.
+    """
+    from ray import serve
+
+    try:
+        serve.run(app, name=name, route_prefix=route_prefix)
+    except RuntimeError as exc:
+        try:
+            status = serve.status().applications[name]
+            details = (
+                "; ".join(f"{dep}: {info.message}" for dep, info in status.deployments.items() if info.message)
+                or status.message
+            )
+        except Exception:  # status unavailable: keep Serve's own message
+            details = ""
+        raise ServingError(f"application {name!r} failed to start: {details or exc}") from exc
+
+
+def deploy_config(path: Path, address: str) -> list[str]:
+    """Deploy the applications in ``path`` to the cluster whose dashboard is ``address``."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read Serve config {str(path)!r}: {exc}") from exc
+    schema = validate_serve_config(config, str(path))
+    try:
+        ServeSubmissionClient(address).deploy_applications(schema.model_dump(exclude_unset=True))
+    except Exception as exc:  # connection refused, auth, HTTP errors
+        raise ServingError(f"cannot deploy to {address}: {exc}. Is a cluster running (`ray start --head`)?") from exc
+    return [app.name for app in schema.applications]

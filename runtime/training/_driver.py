@@ -1,0 +1,235 @@
+"""The training driver: data -> split -> fit preprocessing -> Ray Train -> MLflow registry.
+
+Runs wherever ``python -m jobs.train`` runs: on a laptop it starts (or joins) a local Ray
+instance; under ``ray job submit`` it joins the cluster the job was submitted to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from runtime.cluster import connect
+from runtime.config import TrainJobConfig
+from runtime.data import dataset_fingerprint, read_table
+from runtime.errors import ConfigError, SkewlessError, TrainingError
+from runtime.models import output_dim_for
+from runtime.preprocessing import FeatureSpec, FittedPreprocessor, fit
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_id: str
+    model_name: str
+    version: str
+    metrics: dict[str, float]
+    promoted: bool
+    decision: str
+    model_dir: Path
+    holdout: pa.Table = field(repr=False)
+
+
+def split_holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """A seeded random split: (train, holdout). Deterministic for a table and seed."""
+    n = table.num_rows
+    n_holdout = max(1, int(round(n * fraction)))
+    if n - n_holdout < 1:
+        raise ConfigError(f"data has {n} rows: too few to hold out {fraction:.0%} and still train")
+    perm = np.random.default_rng(seed).permutation(n)
+    return table.take(np.sort(perm[n_holdout:])), table.take(np.sort(perm[:n_holdout]))
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def run_training(
+    cfg: TrainJobConfig,
+    config_dir: Path | None = None,
+    progress: Progress = lambda msg: logger.info(msg),
+) -> TrainOutcome:
+    """Train, evaluate, package, log, register and (maybe) promote. Returns the outcome."""
+    import mlflow
+    import ray.data
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from runtime import registry
+    from runtime.training._evaluate import evaluate, primary_metric
+    from runtime.training._loop import CKPT_WEIGHTS, train_loop_per_worker
+
+    t0 = time.monotonic()
+    spec = FeatureSpec.model_validate(cfg.feature_spec_dict(config_dir))
+    progress(f"reading {cfg.data.path}")
+    table = read_table(cfg.data.path, cfg.data.format)
+    data_fp = dataset_fingerprint(cfg.data.path, cfg.data.format)
+    train_table, holdout = split_holdout(table, cfg.data.holdout_fraction, cfg.training.seed)
+    progress(
+        f"{table.num_rows} rows (dataset sha256 {data_fp[:12]}); fitting preprocessing on "
+        f"{train_table.num_rows} training rows"
+    )
+    prep: FittedPreprocessor = fit(spec, train_table)
+    if spec.label is None:
+        raise ConfigError("the feature spec has no `label:` section; training needs one, e.g. label: {name: y, task: binary}")
+    task = spec.label.task
+    target_scale = (0.0, 1.0)
+    if task == "regression":
+        y = prep.transform_label(train_table).astype(np.float64)
+        target_scale = (float(y.mean()), float(y.std() or 1.0))
+    model_config: dict[str, Any] = {
+        "architecture": "mlp",
+        "input_dim": prep.output_dim,
+        "output_dim": output_dim_for(task, len(prep.classes) if prep.classes else None),
+        "hidden": list(cfg.model.hidden),
+        "dropout": cfg.model.dropout,
+        "activation": cfg.model.activation,
+        "task": task,
+        "classes": prep.classes,
+        "target_scale": list(target_scale),
+        "feature_names": prep.feature_names,
+    }
+
+    tracking = registry.configure_mlflow()
+    name = cfg.registry.model_name
+    experiment_id = registry.ensure_experiment(cfg.registry.experiment or name)
+    git = registry.git_info()
+    env_text, env_hash = registry.environment_lock()
+    connect(min_cpus=int(cfg.training.num_workers * cfg.training.cpus_per_worker) + 4)
+
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(_flatten("", cfg.model_dump(exclude={"features"}), {}))
+        lineage = {
+            "skewless.dataset_path": cfg.data.path,
+            "skewless.dataset_sha256": data_fp,
+            "skewless.dataset_rows": str(table.num_rows),
+            "skewless.preprocessing_fingerprint": prep.fingerprint,
+            "skewless.preprocessing_code_fingerprint": prep.code_fingerprint,
+            "skewless.environment_sha256": env_hash,
+            "skewless.seed": str(cfg.training.seed),
+            **git.as_tags(),
+            **{f"skewless.hardware.{k}": v for k, v in registry.hardware().items()},
+        }
+        mlflow.set_tags(lineage)
+        mlflow.log_text(env_text, "lineage/environment.txt")
+        mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "lineage/config.yaml")
+        mlflow.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "lineage/feature_spec.yaml")
+
+        progress(f"training on {cfg.training.num_workers} Ray Train worker(s), {cfg.training.epochs} epoch(s)")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "seed": cfg.training.seed,
+                "task": task,
+                "epochs": cfg.training.epochs,
+                "batch_size": cfg.training.batch_size,
+                "optimizer": cfg.optimizer.model_dump(),
+                "model": model_config,
+                "preprocessor": prep.to_json(),
+                "target_scale": target_scale,
+                "mlflow_run_id": run_id,
+                "tracking_uri": tracking,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.training.num_workers,
+                use_gpu=cfg.training.use_gpu,
+                resources_per_worker={"CPU": cfg.training.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=f"{name}-{run_id[:12]}",
+                storage_path=str(registry.skewless_home() / "ray_results"),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+            datasets={"train": ray.data.from_arrow(train_table), "valid": ray.data.from_arrow(holdout)},
+        )
+        try:
+            result = trainer.fit()
+        except SkewlessError:
+            raise
+        except Exception as exc:
+            raise TrainingError(f"training run {run_id} failed: {exc}") from exc
+        if result.checkpoint is None:
+            raise TrainingError(f"training run {run_id} ended without a checkpoint")
+        progress(
+            f"trained in {time.monotonic() - t0:.1f}s; last epoch: "
+            + ", ".join(f"{k}={v:.4f}" for k, v in (result.metrics or {}).items() if isinstance(v, float))
+        )
+
+        from safetensors.torch import load_file
+
+        with result.checkpoint.as_directory() as d:
+            state = load_file(str(Path(d) / CKPT_WEIGHTS))
+        model_dir = Path(tempfile.mkdtemp(prefix="skewless-model-")) / "model"
+        registry.write_model_dir(model_dir, state, model_config, prep)
+        candidate = registry.load_model_dir(model_dir)
+        metrics = evaluate(candidate, holdout)
+        mlflow.log_metrics(metrics)
+        progress("holdout: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+        model_uri = registry.log_pyfunc_model(model_dir, pip_requirements=_requirements())
+        version_tags = {k: v for k, v in lineage.items() if k != "skewless.dataset_path"}
+        version_tags[registry.MANIFEST_TAG] = registry.sha256_file(model_dir / registry.MANIFEST)
+        ref = registry.register(model_uri, name, tags=version_tags)
+        registry.set_alias(name, registry.CANDIDATE, ref.version)
+        promoted, decision = _maybe_promote(cfg, ref, metrics, holdout, primary_metric(task), progress)
+        mlflow.set_tag("skewless.promotion", decision)
+    progress(f"registered models:/{name}/{ref.version} ({decision})")
+    return TrainOutcome(run_id, name, ref.version, metrics, promoted, decision, model_dir, holdout)
+
+
+def _maybe_promote(
+    cfg: TrainJobConfig, ref: Any, metrics: dict[str, float], holdout: pa.Table, metric: Any, progress: Progress
+) -> tuple[bool, str]:
+    """Move ``champion`` to the new version when it beats the current one on this holdout."""
+    from runtime import registry
+    from runtime.training._evaluate import evaluate
+
+    name = cfg.registry.model_name
+    champion = registry.current_champion(name)
+    new = metrics[metric.name]
+    if champion is None:
+        decision = f"champion: first version ({metric.name}={new:.4f})"
+    else:
+        try:
+            _, incumbent_model = registry.load(champion.uri)
+            old = evaluate(incumbent_model, holdout)[metric.name]
+        except SkewlessError as exc:
+            progress(f"cannot evaluate champion v{champion.version} on this holdout ({exc}); keeping it")
+            return False, f"kept champion v{champion.version}: it could not be evaluated"
+        if not metric.better(new, old):
+            return False, f"kept champion v{champion.version} ({metric.name} {old:.4f} vs {new:.4f})"
+        decision = f"champion: beats v{champion.version} ({metric.name} {new:.4f} vs {old:.4f})"
+    if not cfg.registry.promote:
+        return False, decision.replace("champion:", "would be champion (promote: false):")
+    registry.set_alias(name, registry.CHAMPION, ref.version)
+    return True, decision
+
+
+def _requirements() -> list[str]:
+    from importlib import metadata
+
+    reqs = []
+    for dist in ("skewless", "torch", "pyarrow", "numpy", "safetensors", "mlflow"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs

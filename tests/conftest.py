@@ -1,0 +1,84 @@
+"""Shared fixtures: one local Ray instance per session, a private SKEWLESS_HOME, polling helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# One state dir for the whole session, before anything imports MLflow or starts Ray, so Ray
+# workers and Serve replicas inherit it. .ci/run sets its own.
+if "SKEWLESS_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["SKEWLESS_HOME"] = tempfile.mkdtemp(prefix="skewless-test-home-")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def wait_for_condition(
+    predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2, message: str = "condition"
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # keep polling; report the last one
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{message} not met within {timeout}s (last error: {last_exc!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def skewless_home() -> Path:
+    return Path(os.environ["SKEWLESS_HOME"])
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """The session's one local Ray instance (8 logical CPUs on a 2-core machine)."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session: Any) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+@pytest.fixture
+def serve_clean(serve_port: int) -> Iterator[int]:
+    """A Serve instance on 127.0.0.1 with no applications left over from other tests."""
+    from ray import serve
+
+    yield serve_port
+    for name in list(serve.status().applications):
+        serve.delete(name)

@@ -1,0 +1,203 @@
+"""The whole path on the session's real local Ray: Ray Train -> MLflow registry -> Ray Serve."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from runtime import registry
+from runtime.config import TrainJobConfig
+from runtime.data import SyntheticConfig, dataset_fingerprint, generate_synthetic, synthetic_feature_spec
+from runtime.errors import ArtifactIntegrityError, FingerprintMismatchError
+from runtime.serving import build_predictor_app
+from runtime.serving._parity import check_parity
+from runtime.training import TrainOutcome, run_training
+from tests.conftest import wait_for_condition
+
+pytestmark = pytest.mark.integration
+NAME = "itest-churn"
+
+
+def _config(data: Path, **training: Any) -> TrainJobConfig:
+    return TrainJobConfig.model_validate(
+        {
+            "data": {"path": str(data)},
+            "features": synthetic_feature_spec("binary"),
+            "model": {"hidden": [32]},
+            "optimizer": {"lr": 5e-3},
+            "training": {"epochs": 2, "batch_size": 128, "num_workers": 2, "seed": 1, **training},
+            "registry": {"model_name": NAME},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "churn.parquet"
+    return Path(generate_synthetic(path, SyntheticConfig(rows=4000, seed=5)))
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session: Any, dataset: Path) -> TrainOutcome:
+    return run_training(_config(dataset), progress=lambda m: None)
+
+
+def test_run_records_lineage_and_registers_champion(trained: TrainOutcome, dataset: Path) -> None:
+    client = mlflow.MlflowClient()
+    run = client.get_run(trained.run_id)
+    tags = run.data.tags
+    assert tags["skewless.dataset_sha256"] == dataset_fingerprint(str(dataset))
+    manifest = json.loads((trained.model_dir / "manifest.json").read_text())
+    assert tags["skewless.preprocessing_fingerprint"] == manifest["preprocessing_fingerprint"]
+    assert len(tags["skewless.git_commit"]) in (40, 7) or tags["skewless.git_commit"] == "unknown"
+    assert tags["skewless.git_dirty"] in ("true", "false", "none")
+    assert len(tags["skewless.environment_sha256"]) == 64
+    # per-epoch metrics logged by rank 0, holdout metrics by the driver
+    history = client.get_metric_history(trained.run_id, "train_loss")
+    assert [m.step for m in history] == [0, 1]
+    assert 0.5 < run.data.metrics["holdout_accuracy"] <= 1.0
+    assert run.data.params["training.num_workers"] == "2"
+
+    champion = registry.resolve(f"models:/{NAME}@champion")
+    candidate = registry.resolve(f"models:/{NAME}@candidate")
+    assert champion.version == candidate.version == trained.version
+    assert champion.tags["skewless.dataset_sha256"] == tags["skewless.dataset_sha256"]
+
+
+def test_mlflow_pyfunc_predicts_from_raw_rows(trained: TrainOutcome, dataset: Path) -> None:
+    raw = pq.read_table(dataset).slice(0, 50).drop_columns(["churned"])
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    out = model.predict(raw.to_pandas())
+    assert list(out.columns) == ["prediction", "probability_0", "probability_1"]
+    assert set(out["prediction"]) <= {0, 1}
+    np.testing.assert_allclose(out["probability_0"] + out["probability_1"], 1.0, rtol=1e-6)
+    # the same rows through the library loader give bit-identical probabilities
+    _, loaded = registry.load(f"models:/{NAME}@champion")
+    probs = loaded.predict_table(raw).probabilities
+    assert probs is not None
+    assert np.array_equal(probs[:, 1], out["probability_1"].to_numpy())
+
+
+def test_second_run_is_candidate_and_champion_only_if_better(trained: TrainOutcome, dataset: Path) -> None:
+    worse = run_training(_config(dataset, epochs=1, seed=2), progress=lambda m: None)
+    candidate = registry.resolve(f"models:/{NAME}@candidate")
+    champion = registry.resolve(f"models:/{NAME}@champion")
+    assert candidate.version == worse.version != trained.version
+    if worse.promoted:
+        assert champion.version == worse.version and "beats" in worse.decision
+    else:
+        assert champion.version == trained.version and "kept champion" in worse.decision
+    # rollback is moving the alias: the old version still loads
+    registry.set_alias(NAME, "champion", trained.version)
+    assert registry.load(f"models:/{NAME}@champion")[0].version == trained.version  # type: ignore[union-attr]
+
+
+def test_tampered_artifact_and_foreign_code_are_refused(
+    trained: TrainOutcome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(trained.model_dir, copy)
+    with (copy / "weights.safetensors").open("r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ArtifactIntegrityError, match="weights.safetensors"):
+        registry.load_model_dir(copy)
+
+    monkeypatch.setattr("runtime.registry._package.code_fingerprint", lambda: "f" * 64)
+    with pytest.raises(FingerprintMismatchError) as exc:
+        registry.load_model_dir(trained.model_dir)
+    assert "ffffffffffffffff" in str(exc.value)
+    loaded = registry.load_model_dir(trained.model_dir, allow_fingerprint_mismatch=True)
+    assert loaded.task == "binary"
+
+
+def _serve(name: str, args: dict[str, Any], port: int) -> str:
+    from ray import serve
+
+    serve.run(build_predictor_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    endpoint = f"http://127.0.0.1:{port}/{name}"
+    wait_for_condition(
+        lambda: httpx.get(f"{endpoint}/healthz", timeout=5).status_code == 200,
+        timeout=120,
+        message=f"{endpoint}/healthz",
+    )
+    return endpoint
+
+
+def test_serve_predicts_and_matches_offline(trained: TrainOutcome, dataset: Path, serve_clean: int) -> None:
+    endpoint = _serve("churn", {"model_uri": f"models:/{NAME}@champion"}, serve_clean)
+    health = httpx.get(f"{endpoint}/healthz").json()
+    assert health["model"]["name"] == NAME
+
+    raw = pq.read_table(dataset).slice(100, 64).drop_columns(["churned"])
+    resp = httpx.post(f"{endpoint}/predict", json={"instances": raw.to_pylist()[:3]})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert len(body["predictions"]) == 3 and body["classes"] == [0, 1]
+    assert body["model"] == {"name": NAME, "version": health["model"]["version"], "uri": f"models:/{NAME}@champion"}
+
+    report = check_parity(endpoint, f"models:/{NAME}@champion", raw)
+    assert report.ok, str(report)
+
+
+BAD_INPUTS = [
+    (b"{not json", 400, None),
+    (json.dumps({"rows": []}).encode(), 422, "instances"),
+    (json.dumps({"instances": []}).encode(), 422, "instances"),
+    (json.dumps({"instances": [1, 2]}).encode(), 422, "instances"),
+    (json.dumps({"instances": [{"age": 30}]}).encode(), 422, None),  # missing columns
+]
+
+
+def test_serve_bad_input_is_4xx_naming_field_value_rule(trained: TrainOutcome, dataset: Path, serve_clean: int) -> None:
+    endpoint = _serve("churn", {"model_uri": f"models:/{NAME}@champion"}, serve_clean)
+    good = pq.read_table(dataset).slice(0, 1).drop_columns(["churned"]).to_pylist()[0]
+    for body, status, field in BAD_INPUTS:
+        resp = httpx.post(f"{endpoint}/predict", content=body, headers={"content-type": "application/json"})
+        assert resp.status_code == status, (body, resp.text)
+        err = resp.json()["error"]
+        assert set(err) == {"field", "row", "value", "rule"} and err["rule"]
+        if field:
+            assert err["field"] == field
+    cases = [
+        ({**good, "age": "old"}, "age"),
+        ({**good, "plan": 7}, "plan"),
+        ({**good, "tenure_months": None}, "tenure_months"),
+    ]
+    for row, field in cases:
+        resp = httpx.post(f"{endpoint}/predict", json={"instances": [good, row]})
+        assert resp.status_code == 422, resp.text
+        err = resp.json()["error"]
+        assert err["field"] == field and err["row"] == 1, err
+    # NaN is not valid JSON for us, but Python's parser accepts it: still a 4xx, never a 500
+    resp = httpx.post(
+        f"{endpoint}/predict", content=b'{"instances": [{"age": NaN}]}', headers={"content-type": "application/json"}
+    )
+    assert 400 <= resp.status_code < 500
+    # unseen categories are not errors
+    resp = httpx.post(f"{endpoint}/predict", json={"instances": [{**good, "region": "atlantis"}]})
+    assert resp.status_code == 200
+    assert httpx.get(f"{endpoint}/healthz").status_code == 200
+
+
+def test_replica_refuses_foreign_preprocessing_code(trained: TrainOutcome, tmp_path: Path, serve_clean: int) -> None:
+    from ray import serve
+
+    copy = tmp_path / "foreign"
+    shutil.copytree(trained.model_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["preprocessing_code_fingerprint"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match="Deploying application foreign failed"):
+        serve.run(build_predictor_app({"model_uri": str(copy)}), name="foreign", route_prefix="/foreign")
+    status = serve.status().applications["foreign"]
+    message = status.deployments["Predictor"].message
+    assert "fingerprint mismatch" in message and "0000000000000000" in message, message

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+
+from runtime.config import ServeAppArgs, TrainJobConfig, load_config
+from runtime.errors import ConfigError
+
+BASE = {"data": {"path": "/tmp/x.parquet"}, "features": "f.yaml", "registry": {"model_name": "m"}}
+
+
+def test_defaults_and_expansion(monkeypatch):
+    monkeypatch.delenv("SKEWLESS_HOME", raising=False)
+    cfg = load_config(TrainJobConfig, {**BASE, "data": {"path": "${SKEWLESS_HOME}/d.parquet"}})
+    assert cfg.data.path.endswith("/.skewless/d.parquet") and not cfg.data.path.startswith("$")
+    assert cfg.training.num_workers == 2 and cfg.optimizer.name == "adamw"
+
+
+def test_unknown_key_did_you_mean():
+    with pytest.raises(ConfigError) as exc:
+        load_config(TrainJobConfig, {**BASE, "training": {"epocs": 3}})
+    assert "training.epocs: unknown key; did you mean 'epochs'?" in str(exc.value)
+
+
+def test_wrong_type_and_impossible_values_name_field_and_value():
+    with pytest.raises(ConfigError) as exc:
+        load_config(TrainJobConfig, {**BASE, "training": {"epochs": "many", "batch_size": 0}})
+    msg = str(exc.value)
+    assert "training.epochs = 'many'" in msg and "training.batch_size = 0" in msg
+    with pytest.raises(ConfigError, match=r"batch_size \(1\) must be >= num_workers \(4\)"):
+        load_config(TrainJobConfig, {**BASE, "training": {"batch_size": 1, "num_workers": 4}})
+
+
+def test_missing_required_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="registry: required field is missing"):
+        load_config(TrainJobConfig, {"data": {"path": "x"}, "features": "f"})
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(TrainJobConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TrainJobConfig, bad)
+
+
+def test_serve_args():
+    assert load_config(ServeAppArgs, {"model_uri": "models:/m@champion"}).max_instances == 10_000
+    with pytest.raises(ConfigError, match="model_uri"):
+        load_config(ServeAppArgs, {"model_uri": "champion"})
+    with pytest.raises(ConfigError, match="did you mean 'model_uri'"):
+        load_config(ServeAppArgs, {"model_url": "models:/m@champion"})
