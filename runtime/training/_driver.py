@@ -45,7 +45,7 @@ class TrainOutcome:
 def split_holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
     """A seeded random split: (train, holdout). Deterministic for a table and seed."""
     n = table.num_rows
-    n_holdout = max(1, int(round(n * fraction)))
+    n_holdout = max(1, round(n * fraction))
     if n - n_holdout < 1:
         raise ConfigError(f"data has {n} rows: too few to hold out {fraction:.0%} and still train")
     perm = np.random.default_rng(seed).permutation(n)
@@ -88,7 +88,9 @@ def run_training(
     )
     prep: FittedPreprocessor = fit(spec, train_table)
     if spec.label is None:
-        raise ConfigError("the feature spec has no `label:` section; training needs one, e.g. label: {name: y, task: binary}")
+        raise ConfigError(
+            "the feature spec has no `label:` section; training needs one, e.g. label: {name: y, task: binary}"
+        )
     task = spec.label.task
     target_scale = (0.0, 1.0)
     if task == "regression":
