@@ -55,7 +55,7 @@ def ray_session() -> Iterator[Any]:
     """The session's one local Ray instance (8 logical CPUs on a 2-core machine)."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     try:
         from ray import serve
