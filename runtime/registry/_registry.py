@@ -6,6 +6,9 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
 
 from runtime.errors import ArtifactIntegrityError, ModelNotFoundError, RegistryError
 from runtime.registry._package import MANIFEST, LoadedModel, load_model_dir, sha256_file
@@ -31,14 +34,31 @@ class ModelRef:
         return f"models:/{self.name}/{self.version}"
 
 
-def log_pyfunc_model(model_dir: Path, pip_requirements: list[str]) -> str:
-    """Log ``model_dir`` as an MLflow pyfunc model in the active run; returns its model URI."""
+def input_signature(schema: pa.Schema) -> Any:
+    """The MLflow signature of the raw input rows: one column per feature, nullable optional."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    def dtype(t: pa.DataType) -> DataType:
+        return DataType.string if pa.types.is_string(t) or pa.types.is_large_string(t) else DataType.double
+
+    return ModelSignature(inputs=Schema([ColSpec(dtype(f.type), f.name, required=not f.nullable) for f in schema]))
+
+
+def log_pyfunc_model(model_dir: Path, example: pa.Table, pip_requirements: list[str]) -> str:
+    """Log ``model_dir`` as an MLflow pyfunc model in the active run; returns its model URI.
+
+    ``example`` holds a few raw input rows (features only): MLflow stores them as the input
+    example, and the signature comes from their schema.
+    """
     import mlflow
 
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(Path(__file__).with_name("_pyfunc_model.py")),
         artifacts={PYFUNC_ARTIFACT_KEY: str(model_dir)},
+        signature=input_signature(example.schema),
+        input_example=example.to_pandas(),
         pip_requirements=pip_requirements,
     )
     return str(info.model_uri)

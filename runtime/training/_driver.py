@@ -61,6 +61,22 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def check_placeable(cfg: TrainJobConfig, resources: dict[str, float]) -> None:
+    """Refuse, before starting anything, a job the cluster can never place."""
+    t = cfg.training
+    if t.use_gpu and resources.get("GPU", 0) < t.num_workers:
+        raise ConfigError(
+            f"training.use_gpu = true needs {t.num_workers} GPU(s) (one per worker) but the cluster has "
+            f"{resources.get('GPU', 0):g}; set use_gpu: false or connect to a cluster with GPUs"
+        )
+    need = t.num_workers * t.cpus_per_worker
+    if resources.get("CPU", 0) < need:
+        raise ConfigError(
+            f"training.num_workers ({t.num_workers}) x cpus_per_worker ({t.cpus_per_worker:g}) = {need:g} CPUs, "
+            f"but the cluster has {resources.get('CPU', 0):g}; lower num_workers or add nodes"
+        )
+
+
 def run_training(
     cfg: TrainJobConfig,
     config_dir: Path | None = None,
@@ -68,6 +84,7 @@ def run_training(
 ) -> TrainOutcome:
     """Train, evaluate, package, log, register and (maybe) promote. Returns the outcome."""
     import mlflow
+    import ray
     import ray.data
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -115,6 +132,7 @@ def run_training(
     git = registry.git_info()
     env_text, env_hash = registry.environment_lock()
     connect(min_cpus=int(cfg.training.num_workers * cfg.training.cpus_per_worker) + 4)
+    check_placeable(cfg, ray.cluster_resources())
 
     with mlflow.start_run(experiment_id=experiment_id) as run:
         run_id = run.info.run_id
@@ -186,7 +204,9 @@ def run_training(
         mlflow.log_metrics(metrics)
         progress("holdout: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
-        model_uri = registry.log_pyfunc_model(model_dir, pip_requirements=_requirements())
+        model_uri = registry.log_pyfunc_model(
+            model_dir, prep.records_to_table(train_table.slice(0, 3).to_pylist()), pip_requirements=_requirements()
+        )
         version_tags = {k: v for k, v in lineage.items() if k != "skewless.dataset_path"}
         version_tags[registry.MANIFEST_TAG] = registry.sha256_file(model_dir / registry.MANIFEST)
         ref = registry.register(model_uri, name, tags=version_tags)

@@ -63,3 +63,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert f"http://127.0.0.1:{port}/churn-demo/predict" in text
     assert "curl -s -X POST" in text
     assert (tmp_path / "home" / "mlflow.db").exists()
+
+    # The README's "load the model anywhere" snippet runs as written, with MLflow alone.
+    from tests.unit.test_readme import code_blocks
+
+    snippet = code_blocks("python")[0]
+    loaded = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300, env=env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert "prediction" in loaded.stdout and "probability_1" in loaded.stdout

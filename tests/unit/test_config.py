@@ -47,3 +47,17 @@ def test_serve_args():
         load_config(ServeAppArgs, {"model_uri": "champion"})
     with pytest.raises(ConfigError, match="did you mean 'model_uri'"):
         load_config(ServeAppArgs, {"model_url": "models:/m@champion"})
+
+
+def test_unplaceable_jobs_are_refused_before_ray_work() -> None:
+    from runtime.training._driver import check_placeable
+
+    cfg = load_config(TrainJobConfig, {**BASE, "training": {"num_workers": 4, "use_gpu": True}})
+    with pytest.raises(ConfigError, match=r"use_gpu = true needs 4 GPU\(s\).*the cluster has 0"):
+        check_placeable(cfg, {"CPU": 8.0})
+    cfg = load_config(TrainJobConfig, {**BASE, "training": {"num_workers": 16}})
+    with pytest.raises(
+        ConfigError, match=r"num_workers \(16\) x cpus_per_worker \(1\) = 16 CPUs, but the cluster has 8"
+    ):
+        check_placeable(cfg, {"CPU": 8.0})
+    check_placeable(load_config(TrainJobConfig, BASE), {"CPU": 8.0})
