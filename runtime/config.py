@@ -25,6 +25,7 @@ __all__ = [
     "ServeAppArgs",
     "TrainJobConfig",
     "TrainingConfig",
+    "expand_path",
     "format_validation_error",
     "load_config",
 ]
@@ -51,11 +52,7 @@ class DataConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _expand(cls, value: str) -> str:
-        if "://" in value:
-            return value
-        if "SKEWLESS_HOME" in value and not os.environ.get("SKEWLESS_HOME"):
-            value = value.replace("${SKEWLESS_HOME}", "~/.skewless").replace("$SKEWLESS_HOME", "~/.skewless")
-        return os.path.expanduser(os.path.expandvars(value))
+        return value if "://" in value else expand_path(value)
 
 
 class ModelConfig(_Strict):
@@ -78,6 +75,26 @@ class TrainingConfig(_Strict):
     use_gpu: bool = Field(default=False, description="One GPU per worker.")
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
     seed: int = Field(default=0, ge=0)
+    micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Rows per forward/backward on one worker; gradients accumulate up to "
+        "batch_size / num_workers. Default: the whole per-worker batch.",
+    )
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16 autocast on GPU; a no-op on CPU.")
+    lr_schedule: Literal["constant", "cosine"] = Field(default="constant")
+    checkpoint_every_steps: int | None = Field(
+        default=None, ge=1, description="Checkpoint every N optimizer steps as well as every epoch."
+    )
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept (Ray Train CheckpointConfig).")
+    max_failures: int = Field(
+        default=0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1: unlimited)."
+    )
+    run_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Ray Train run name; re-running with the same name resumes from its latest checkpoint.",
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingConfig:
@@ -85,6 +102,12 @@ class TrainingConfig(_Strict):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be >= num_workers ({self.num_workers}): "
                 "each worker takes batch_size / num_workers rows per step"
+            )
+        per_worker = self.batch_size // self.num_workers
+        if self.micro_batch_size is not None and self.micro_batch_size > per_worker:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must be <= batch_size / num_workers "
+                f"({self.batch_size} / {self.num_workers} = {per_worker}); lower it or raise batch_size"
             )
         return self
 
@@ -129,6 +152,13 @@ class ServeAppArgs(_Strict):
         description="Load even when the installed preprocessing code differs (logged loudly).",
     )
     max_instances: int = Field(default=10_000, ge=1, description="Most instances in one request.")
+
+
+def expand_path(value: str) -> str:
+    """``~`` and environment variables expanded; ``$SKEWLESS_HOME`` defaults to ``~/.skewless``."""
+    if "SKEWLESS_HOME" in value and not os.environ.get("SKEWLESS_HOME"):
+        value = value.replace("${SKEWLESS_HOME}", "~/.skewless").replace("$SKEWLESS_HOME", "~/.skewless")
+    return os.path.expanduser(os.path.expandvars(value))
 
 
 def _resolve_path(path: str, base_dir: Path | None) -> Path:

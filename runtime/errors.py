@@ -15,6 +15,7 @@ rule and the fix.
     ├── PreprocessingError           the feature pipeline cannot be fit or applied
     │   └── FingerprintMismatchError the installed preprocessing code differs from the model's
     ├── TrainingError                a training run failed
+    ├── ClusterError                 a Ray cluster or its Jobs API cannot be reached or refused
     ├── RegistryError                MLflow tracking / model registry problems
     │   ├── ModelNotFoundError       no such model, version or alias
     │   └── ArtifactIntegrityError   an artifact's sha256 does not match its manifest
@@ -27,6 +28,7 @@ from typing import Any
 
 __all__ = [
     "ArtifactIntegrityError",
+    "ClusterError",
     "ConfigError",
     "DataError",
     "DatasetNotFoundError",
@@ -103,6 +105,10 @@ class FingerprintMismatchError(PreprocessingError):
 
 class TrainingError(SkewlessError):
     """A training run failed."""
+
+
+class ClusterError(SkewlessError):
+    """A Ray cluster, or its Jobs/Serve API, cannot be reached or refused the request."""
 
 
 class RegistryError(SkewlessError):

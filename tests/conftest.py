@@ -39,6 +39,19 @@ def wait_for_condition(
     raise TimeoutError(f"{message} not met within {timeout}s (last error: {last_exc!r})")
 
 
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """This process's environment for a child CLI, minus what in-process tests leak into it.
+
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` export MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI, which would point a child at this session's store.
+    """
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS")
+    }
+    env.update(overrides)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,7 +28,9 @@ app = typer.Typer(
 train_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 serve_app = typer.Typer(help="Ray Serve applications.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
 app.add_typer(data_app, name="data")
 
@@ -88,6 +90,74 @@ def train_run(config: Annotated[Path, typer.Argument(help="Training job YAML.")]
     console.print(f"run {outcome.run_id}: models:/{outcome.model_name}/{outcome.version} — {outcome.decision}")
 
 
+ADDRESS_HELP = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)."
+
+
+@train_app.command("submit")
+def train_submit(
+    config: Annotated[Path, typer.Argument(help="Training job YAML inside the project.")],
+    address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
+) -> None:
+    """Submit a training job through Ray's Jobs API (validated here first)."""
+    from runtime.cluster import follow_logs, job_info, submit_training
+
+    job_id = submit_training(config, address)
+    console.print(f"submitted [bold]{job_id}[/]; follow with `skewless train logs {job_id} --follow`")
+    if not wait:
+        return
+    follow_logs(job_id, lambda chunk: console.out(chunk, end=""), address)
+    info = job_info(job_id, address)
+    console.print(f"job {job_id}: {info.status} {info.message}")
+    if info.status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@train_app.command("status")
+def train_status(job_id: str, address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None) -> None:
+    """Show a job's status."""
+    from runtime.cluster import job_info
+
+    info = job_info(job_id, address)
+    console.print(f"{info.job_id}: {info.status} {info.message}".rstrip())
+
+
+@train_app.command("logs")
+def train_logs(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
+    address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
+) -> None:
+    """Print a job's logs."""
+    from runtime.cluster import follow_logs, job_logs
+
+    if follow:
+        follow_logs(job_id, lambda chunk: console.out(chunk, end=""), address)
+    else:
+        console.out(job_logs(job_id, address), end="")
+
+
+@train_app.command("stop")
+def train_stop(job_id: str, address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None) -> None:
+    """Ask Ray to stop a running job."""
+    from runtime.cluster import stop_job
+
+    console.print(f"{job_id}: {'stop requested' if stop_job(job_id, address) else 'not running'}")
+
+
+@train_app.command("list")
+def train_list(address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None) -> None:
+    """List the cluster's jobs, oldest first."""
+    from rich.table import Table
+
+    from runtime.cluster import list_jobs
+
+    table = Table("job", "status", "entrypoint")
+    for job in list_jobs(address):
+        table.add_row(job.job_id, job.status, job.entrypoint)
+    console.print(table)
+
+
 @serve_app.command("deploy")
 def serve_deploy(
     config: Annotated[Path, typer.Argument(help="Serve config YAML (the format `serve deploy` takes).")],
@@ -98,6 +168,41 @@ def serve_deploy(
 
     names = deploy_config(config, address)
     console.print(f"submitted {', '.join(names)} to {address}; check with `serve status`")
+
+
+@models_app.command("lineage")
+def models_lineage(
+    model_uri: Annotated[str, typer.Argument(help="models:/<name>@<alias> or models:/<name>/<version>")],
+) -> None:
+    """Show the data, preprocessing, code and environment that made a registered model."""
+    from rich.table import Table
+
+    from runtime.registry import configure_mlflow
+    from runtime.registry._reproduce import model_lineage
+
+    configure_mlflow()
+    lineage = model_lineage(model_uri)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    for what, value in lineage.rows():
+        table.add_row(f"[bold]{what}[/]", value)
+    console.print(table)
+
+
+@app.command()
+def reproduce(
+    model_uri: Annotated[str, typer.Argument(help="models:/<name>@<alias> or models:/<name>/<version>")],
+) -> None:
+    """Re-run a registered model's training from its lineage and compare the metrics."""
+    from rich.table import Table
+
+    from runtime.training._reproduce import reproduce as run
+
+    result = run(model_uri, progress=_progress)
+    table = Table("metric", "original", "reproduced", "difference")
+    for name, old, new, diff in result.differences():
+        table.add_row(name, f"{old:.6f}", f"{new:.6f}", f"{diff:+.2e}")
+    console.print(table)
+    console.print(f"reproduced as models:/{result.outcome.model_name}/{result.outcome.version} (champion unchanged)")
 
 
 @data_app.command("generate")

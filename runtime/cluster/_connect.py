@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
+
+from runtime.errors import ConfigError
 
 _started_here = False
 
@@ -40,3 +43,23 @@ def connect(min_cpus: int = 8) -> None:
 def started_locally() -> bool:
     """Whether :func:`connect` started a Ray instance that dies with this process."""
     return _started_here
+
+
+def check_placeable(training: Any, resources: dict[str, float]) -> None:
+    """Refuse, before starting anything, a worker group the cluster can never place.
+
+    ``training`` is any config section with ``num_workers``, ``cpus_per_worker`` and
+    ``use_gpu``; ``resources`` is ``ray.cluster_resources()``.
+    """
+    t = training
+    if t.use_gpu and resources.get("GPU", 0) < t.num_workers:
+        raise ConfigError(
+            f"training.use_gpu = true needs {t.num_workers} GPU(s) (one per worker) but the cluster has "
+            f"{resources.get('GPU', 0):g}; set use_gpu: false or connect to a cluster with GPUs"
+        )
+    need = t.num_workers * t.cpus_per_worker
+    if resources.get("CPU", 0) < need:
+        raise ConfigError(
+            f"training.num_workers ({t.num_workers}) x cpus_per_worker ({t.cpus_per_worker:g}) = {need:g} CPUs, "
+            f"but the cluster has {resources.get('CPU', 0):g}; lower num_workers or add nodes"
+        )

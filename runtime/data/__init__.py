@@ -6,12 +6,15 @@ is not a version).
 
 from runtime.data._io import dataset_fingerprint, list_data_files, read_table, table_fingerprint
 from runtime.data._synthetic import SyntheticConfig, generate_synthetic, synthetic_feature_spec
+from runtime.data._text import generate_text, load_text_tokens
 
 __all__ = [
     "SyntheticConfig",
     "dataset_fingerprint",
     "generate_synthetic",
+    "generate_text",
     "list_data_files",
+    "load_text_tokens",
     "read_table",
     "synthetic_feature_spec",
     "table_fingerprint",

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MLP", "build_model", "output_dim_for"]
+from runtime.models._transformer import CharTransformerLM, flops_per_token, num_parameters
+
+__all__ = ["MLP", "CharTransformerLM", "build_model", "flops_per_token", "num_parameters", "output_dim_for"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -63,4 +65,13 @@ def build_model(config: dict[str, Any]) -> nn.Module:
             dropout=float(config.get("dropout", 0.0)),
             activation=str(config.get("activation", "relu")),
         )
-    raise ValueError(f"unknown model architecture {arch!r}; known: ['mlp']")
+    if arch == "char_lm":
+        return CharTransformerLM(
+            vocab_size=int(config.get("vocab_size", 256)),
+            d_model=int(config["d_model"]),
+            n_heads=int(config["n_heads"]),
+            n_layers=int(config["n_layers"]),
+            seq_len=int(config["seq_len"]),
+            dropout=float(config.get("dropout", 0.0)),
+        )
+    raise ValueError(f"unknown model architecture {arch!r}; known: ['char_lm', 'mlp']")

@@ -44,8 +44,8 @@ def configure_mlflow() -> str:
 
     uri = tracking_uri()
     os.environ.setdefault(HOME_ENV, str(skewless_home()))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)  # MLflow also exports MLFLOW_TRACKING_URI to children
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
     return uri
 
 

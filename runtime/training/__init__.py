@@ -1,6 +1,17 @@
-"""Training: the per-worker loop Ray Train runs, the driver that wires data, MLflow and Ray."""
+"""Training: the per-worker loop Ray Train runs, its events, and the driver that wires data,
+MLflow and Ray together."""
 
 from runtime.training._driver import TrainOutcome, run_training, split_holdout
 from runtime.training._evaluate import evaluate, primary_metric
+from runtime.training._events import Callback, Event, LoopState
 
-__all__ = ["TrainOutcome", "evaluate", "primary_metric", "run_training", "split_holdout"]
+__all__ = [
+    "Callback",
+    "Event",
+    "LoopState",
+    "TrainOutcome",
+    "evaluate",
+    "primary_metric",
+    "run_training",
+    "split_holdout",
+]

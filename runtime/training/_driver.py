@@ -19,12 +19,13 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from runtime.cluster import connect
+from runtime.cluster import check_placeable, connect
 from runtime.config import TrainJobConfig
 from runtime.data import dataset_fingerprint, read_table
 from runtime.errors import ConfigError, SkewlessError, TrainingError
 from runtime.models import output_dim_for
 from runtime.preprocessing import FeatureSpec, FittedPreprocessor, fit
+from runtime.training._events import Callback
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -61,40 +62,39 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def check_placeable(cfg: TrainJobConfig, resources: dict[str, float]) -> None:
-    """Refuse, before starting anything, a job the cluster can never place."""
-    t = cfg.training
-    if t.use_gpu and resources.get("GPU", 0) < t.num_workers:
-        raise ConfigError(
-            f"training.use_gpu = true needs {t.num_workers} GPU(s) (one per worker) but the cluster has "
-            f"{resources.get('GPU', 0):g}; set use_gpu: false or connect to a cluster with GPUs"
-        )
-    need = t.num_workers * t.cpus_per_worker
-    if resources.get("CPU", 0) < need:
-        raise ConfigError(
-            f"training.num_workers ({t.num_workers}) x cpus_per_worker ({t.cpus_per_worker:g}) = {need:g} CPUs, "
-            f"but the cluster has {resources.get('CPU', 0):g}; lower num_workers or add nodes"
-        )
-
-
 def run_training(
     cfg: TrainJobConfig,
     config_dir: Path | None = None,
     progress: Progress = lambda msg: logger.info(msg),
+    callbacks: list[Callback] | None = None,
+    storage_path: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    register: bool = True,
+    run_callbacks: list[Any] | None = None,
 ) -> TrainOutcome:
-    """Train, evaluate, package, log, register and (maybe) promote. Returns the outcome."""
+    """Train, evaluate, package, log, register and (maybe) promote. Returns the outcome.
+
+    ``callbacks`` are added to the worker loop's (they are pickled to the workers);
+    ``run_callbacks`` are Ray Train ``RunConfig`` callbacks (Tune's report callback).
+    With ``register=False`` the packaged model is logged to the run (its URI in the tag
+    ``skewless.model_uri``) but not registered: Tune registers only its best trial.
+    """
     import mlflow
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from runtime import registry
-    from runtime.training._evaluate import evaluate, primary_metric
-    from runtime.training._loop import CKPT_WEIGHTS, train_loop_per_worker
+    from runtime.training._checkpoint import WEIGHTS as CKPT_WEIGHTS
+    from runtime.training._evaluate import evaluate
+    from runtime.training._loop import train_loop_per_worker
 
     t0 = time.monotonic()
-    spec = FeatureSpec.model_validate(cfg.feature_spec_dict(config_dir))
+    spec_dict = cfg.feature_spec_dict(config_dir)
+    spec = FeatureSpec.model_validate(spec_dict)
+    # The resolved config is self-contained (the spec inline), so `reproduce` needs no files.
+    resolved = {**cfg.model_dump(mode="json"), "features": spec_dict}
     progress(f"reading {cfg.data.path}")
     table = read_table(cfg.data.path, cfg.data.format)
     data_fp = dataset_fingerprint(cfg.data.path, cfg.data.format)
@@ -132,7 +132,7 @@ def run_training(
     git = registry.git_info()
     env_text, env_hash = registry.environment_lock()
     connect(min_cpus=int(cfg.training.num_workers * cfg.training.cpus_per_worker) + 4)
-    check_placeable(cfg, ray.cluster_resources())
+    check_placeable(cfg.training, ray.cluster_resources())
 
     with mlflow.start_run(experiment_id=experiment_id) as run:
         run_id = run.info.run_id
@@ -145,12 +145,13 @@ def run_training(
             "skewless.preprocessing_code_fingerprint": prep.code_fingerprint,
             "skewless.environment_sha256": env_hash,
             "skewless.seed": str(cfg.training.seed),
+            "skewless.task": task,
             **git.as_tags(),
             **{f"skewless.hardware.{k}": v for k, v in registry.hardware().items()},
         }
-        mlflow.set_tags(lineage)
+        mlflow.set_tags({**lineage, **(extra_tags or {})})
         mlflow.log_text(env_text, "lineage/environment.txt")
-        mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "lineage/config.yaml")
+        mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), "lineage/config.yaml")
         mlflow.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "lineage/feature_spec.yaml")
 
         progress(f"training on {cfg.training.num_workers} Ray Train worker(s), {cfg.training.epochs} epoch(s)")
@@ -165,6 +166,12 @@ def run_training(
                 "model": model_config,
                 "preprocessor": prep.to_json(),
                 "target_scale": target_scale,
+                "train_rows": train_table.num_rows,
+                "micro_batch_size": cfg.training.micro_batch_size,
+                "precision": cfg.training.precision,
+                "lr_schedule": cfg.training.lr_schedule,
+                "checkpoint_every_steps": cfg.training.checkpoint_every_steps,
+                "callbacks": list(callbacks or []),
                 "mlflow_run_id": run_id,
                 "tracking_uri": tracking,
             },
@@ -174,9 +181,11 @@ def run_training(
                 resources_per_worker={"CPU": cfg.training.cpus_per_worker},
             ),
             run_config=RunConfig(
-                name=f"{name}-{run_id[:12]}",
-                storage_path=str(registry.skewless_home() / "ray_results"),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                name=cfg.training.run_name or f"{name}-{run_id[:12]}",
+                storage_path=storage_path or str(registry.skewless_home() / "ray_results"),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+                callbacks=run_callbacks,
             ),
             datasets={"train": ray.data.from_arrow(train_table), "valid": ray.data.from_arrow(holdout)},
         )
@@ -207,13 +216,40 @@ def run_training(
         model_uri = registry.log_pyfunc_model(
             model_dir, prep.records_to_table(train_table.slice(0, 3).to_pylist()), pip_requirements=_requirements()
         )
-        version_tags = {k: v for k, v in lineage.items() if k != "skewless.dataset_path"}
-        version_tags[registry.MANIFEST_TAG] = registry.sha256_file(model_dir / registry.MANIFEST)
-        ref = registry.register(model_uri, name, tags=version_tags)
-        registry.set_alias(name, registry.CANDIDATE, ref.version)
-        promoted, decision = _maybe_promote(cfg, ref, metrics, holdout, primary_metric(task), progress)
-        mlflow.set_tag("skewless.promotion", decision)
+        manifest_sha = registry.sha256_file(model_dir / registry.MANIFEST)
+        mlflow.set_tags({"skewless.model_uri": model_uri, registry.MANIFEST_TAG: manifest_sha})
+        if not register:
+            return TrainOutcome(run_id, name, "", metrics, False, "not registered", model_dir, holdout)
+        outcome = register_run_model(run_id, cfg, metrics, holdout, progress, model_dir)
+    return outcome
+
+
+def register_run_model(
+    run_id: str,
+    cfg: TrainJobConfig,
+    metrics: dict[str, float],
+    holdout: pa.Table,
+    progress: Progress,
+    model_dir: Path | None = None,
+) -> TrainOutcome:
+    """Register the model a run logged: version tagged with the run's lineage, alias
+    ``candidate``, and ``champion`` when it beats the incumbent on ``holdout``."""
+    import mlflow
+
+    from runtime import registry
+    from runtime.training._evaluate import primary_metric
+
+    client = mlflow.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    version_tags = {k: v for k, v in tags.items() if k.startswith("skewless.") and k != "skewless.dataset_path"}
+    name = cfg.registry.model_name
+    ref = registry.register(tags["skewless.model_uri"], name, tags=version_tags)
+    registry.set_alias(name, registry.CANDIDATE, ref.version)
+    promoted, decision = _maybe_promote(cfg, ref, metrics, holdout, primary_metric(tags["skewless.task"]), progress)
+    client.set_tag(run_id, "skewless.promotion", decision)
     progress(f"registered models:/{name}/{ref.version} ({decision})")
+    if model_dir is None:
+        _, model_dir = registry.download(ref.uri)
     return TrainOutcome(run_id, name, ref.version, metrics, promoted, decision, model_dir, holdout)
 
 

@@ -1,27 +1,32 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Each rank streams its shard of the raw training rows from Ray Data, turns every batch into
-features with the shared ``runtime.preprocessing`` transform (the same code serving runs),
-trains the model under DDP, evaluates on its shard of the holdout (all-reduced), reports
-metrics per epoch and checkpoints. A restarted run resumes from the latest checkpoint.
+Each rank streams its shard of the raw training rows from Ray Data and turns every batch into
+features with the shared ``runtime.preprocessing`` transform (the code serving runs). One
+optimizer step takes the rank's share of the effective batch, split into micro-batches whose
+gradients accumulate, so the micro-batch size changes memory, not the result. bf16 autocast
+applies on GPU when asked (a no-op on CPU). Checkpoints (per epoch, or every N steps) hold
+everything :mod:`runtime.training._checkpoint` lists; a restarted worker group resumes from
+the latest one. The loop's events are in :mod:`runtime.training._events`.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-CKPT_WEIGHTS, CKPT_OPTIMIZER, CKPT_STATE = "weights.safetensors", "optimizer.pt", "train_state.json"
+from runtime.training._checkpoint import load_checkpoint, save_checkpoint
+from runtime.training._events import Callback, CallbackList, LoopState
 
 
 def _loss_fn(task: str) -> Any:
     from torch import nn
 
-    return {"binary": nn.BCEWithLogitsLoss, "multiclass": nn.CrossEntropyLoss}.get(task, nn.MSELoss)(reduction="sum")
+    cls = {"binary": nn.BCEWithLogitsLoss, "multiclass": nn.CrossEntropyLoss}.get(task, nn.MSELoss)
+    return cls(reduction="sum")
 
 
 def _targets(task: str, labels: np.ndarray, target_scale: tuple[float, float]) -> Any:
@@ -44,6 +49,14 @@ def _make_optimizer(params: Any, cfg: dict[str, Any]) -> Any:
     return cls(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
+def _make_scheduler(optimizer: Any, name: str, total_steps: int) -> Any:
+    import torch
+
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return None
+
+
 def _all_reduce_sum(values: list[float]) -> list[float]:
     import torch
     import torch.distributed as dist
@@ -54,21 +67,108 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return [float(v) for v in t.tolist()]
 
 
-def _mlflow_logger(config: dict[str, Any]) -> Any:
-    """Rank 0 logs per-epoch metrics straight into the driver's MLflow run."""
-    run_id = config.get("mlflow_run_id")
-    if not run_id:
-        return None
-    import mlflow
+def _autocast(device: Any, precision: str) -> Any:
+    import torch
 
-    return mlflow.MlflowClient(tracking_uri=config["tracking_uri"]), run_id
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    state: LoopState,
+    batch: Any,
+    prep: Any,
+    loss_fn: Any,
+    task: str,
+    target_scale: tuple[float, float],
+    device: Any,
+    precision: str = "fp32",
+) -> float:
+    """One optimizer step over this rank's ``batch`` (an Arrow table), in micro-batches.
+
+    Each micro-batch's summed loss is divided by the rank's whole batch size, so the
+    accumulated gradient equals the full batch's mean-loss gradient whatever the
+    micro-batch size. Under DDP, gradients are all-reduced only on the last micro-batch.
+    """
+    model, optimizer = state.model, state.optimizer
+    rows = batch.num_rows
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    starts = list(range(0, rows, state.micro_batch_size))
+    for i, start in enumerate(starts):
+        micro = batch.slice(start, state.micro_batch_size)
+        x = prep.transform(micro)
+        y = prep.transform_label(micro)
+        last = i == len(starts) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(device, precision):
+                out = model(_to(x, device))
+                loss = loss_fn(out.float(), _targets(task, y, target_scale).to(device))
+            (loss / rows).backward()
+        total += float(loss.detach())
+    optimizer.step()
+    return total
+
+
+def _to(x: np.ndarray, device: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(x).to(device)
+
+
+def _evaluate(
+    model: Any, shard: Any, prep: Any, loss_fn: Any, task: str, target_scale: tuple[float, float], device: Any
+) -> dict[str, float]:
+    import torch
+
+    model.eval()
+    v_total, v_rows, v_correct = 0.0, 0, 0.0
+    with torch.inference_mode():
+        for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+            y = _targets(task, prep.transform_label(batch), target_scale).to(device)
+            out = model(_to(prep.transform(batch), device))
+            v_total += float(loss_fn(out, y))
+            v_rows += batch.num_rows
+            if task == "binary":
+                v_correct += float(((out > 0).float() == y).sum())
+            elif task == "multiclass":
+                v_correct += float((out.argmax(dim=1) == y).sum())
+    model.train()
+    v_total, n, v_correct = _all_reduce_sum([v_total, v_rows, v_correct])
+    metrics = {"valid_loss": v_total / max(n, 1)}
+    if task != "regression":
+        metrics["valid_accuracy"] = v_correct / max(n, 1)
+    return metrics
+
+
+class MlflowMetrics(Callback):
+    """Rank 0 logs each epoch's metrics into the driver's MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        import mlflow
+
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self.run_id = run_id
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        if state.rank == 0:
+            for key, value in state.metrics.items():
+                self.client.log_metric(self.run_id, key, value, step=state.epoch)
+
+
+def default_callbacks(config: dict[str, Any]) -> list[Callback]:
+    callbacks: list[Callback] = []
+    if config.get("mlflow_run_id"):
+        callbacks.append(MlflowMetrics(config["tracking_uri"], config["mlflow_run_id"]))
+    return callbacks
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from safetensors.torch import load_file, save_file
 
     from runtime.models import build_model
     from runtime.preprocessing import FittedPreprocessor
@@ -77,83 +177,98 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed: int = config["seed"]
     torch.manual_seed(seed)  # identical initial weights on every rank
+    np.random.seed(seed + rank)
     task: str = config["task"]
     target_scale = tuple(config.get("target_scale", (0.0, 1.0)))
     prep = FittedPreprocessor.from_json(config["preprocessor"])
+    per_rank = max(1, config["batch_size"] // world)
+    epochs: int = config["epochs"]
+    steps_per_epoch = -(-config["train_rows"] // (per_rank * world))
 
     model = build_model(config["model"])
     optimizer = _make_optimizer(model.parameters(), config["optimizer"])
-    start_epoch = 0
+    scheduler = _make_scheduler(optimizer, config.get("lr_schedule", "constant"), steps_per_epoch * epochs)
+    state = LoopState(
+        rank=rank,
+        world_size=world,
+        epochs=epochs,
+        batch_size=per_rank,
+        micro_batch_size=min(config.get("micro_batch_size") or per_rank, per_rank),
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, CKPT_WEIGHTS)))
-            optimizer.load_state_dict(torch.load(os.path.join(d, CKPT_OPTIMIZER), weights_only=True))
-            with open(os.path.join(d, CKPT_STATE)) as f:
-                start_epoch = json.load(f)["epoch"] + 1
-    model = ray.train.torch.prepare_model(model)
+            resume = load_checkpoint(Path(d), model, optimizer, scheduler)
+        state.epoch, state.step, state.step_in_epoch = resume.epoch, resume.step, resume.step_in_epoch
+        state.micro_batch_size = min(resume.micro_batch_size, per_rank)
+    state.model = ray.train.torch.prepare_model(model)
+    state.optimizer = optimizer
     device = ray.train.torch.get_device()
     loss_fn = _loss_fn(task)
-    per_worker_batch = max(1, config["batch_size"] // world)
+    precision: str = config.get("precision", "fp32")
+    every: int | None = config.get("checkpoint_every_steps")
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
-    mlflow_log = _mlflow_logger(config) if rank == 0 else None
+    callbacks = CallbackList([*default_callbacks(config), *config.get("callbacks", [])])
 
-    for epoch in range(start_epoch, config["epochs"]):
-        model.train()
-        total, rows = 0.0, 0
-        for batch in train_shard.iter_batches(
-            batch_size=per_worker_batch,
-            batch_format="pyarrow",
-            local_shuffle_buffer_size=max(per_worker_batch * 8, 1024),
-            local_shuffle_seed=seed * 100_003 + epoch * 101 + rank,
-        ):
-            x = torch.from_numpy(prep.transform(batch)).to(device)
-            y = _targets(task, prep.transform_label(batch), target_scale).to(device)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            (loss / len(batch)).backward()
-            optimizer.step()
-            total += float(loss.detach())
-            rows += len(batch)
-
-        model.eval()
-        v_total, v_rows, v_correct = 0.0, 0, 0.0
-        with torch.inference_mode():
-            for batch in valid_shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
-                x = torch.from_numpy(prep.transform(batch)).to(device)
-                y = _targets(task, prep.transform_label(batch), target_scale).to(device)
-                out = model(x)
-                v_total += float(loss_fn(out, y))
-                v_rows += len(batch)
-                if task == "binary":
-                    v_correct += float(((out > 0).float() == y).sum())
-                elif task == "multiclass":
-                    v_correct += float((out.argmax(dim=1) == y).sum())
-        total, n_rows, v_total, n_valid, v_correct = _all_reduce_sum([total, rows, v_total, v_rows, v_correct])
-        metrics: dict[str, float] = {
-            "epoch": epoch,
-            "train_loss": total / max(n_rows, 1),
-            "valid_loss": v_total / max(n_valid, 1),
-        }
-        if task != "regression":
-            metrics["valid_accuracy"] = v_correct / max(n_valid, 1)
-
+    def report(metrics: dict[str, float], epoch_done: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                base: Any = model.module if hasattr(model, "module") else model
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in base.state_dict().items()},
-                    os.path.join(tmp, CKPT_WEIGHTS),
+                save_checkpoint(
+                    Path(tmp),
+                    state.model,
+                    optimizer,
+                    scheduler,
+                    epoch=state.epoch + 1 if epoch_done else state.epoch,
+                    step=state.step,
+                    step_in_epoch=0 if epoch_done else state.step_in_epoch,
+                    micro_batch_size=state.micro_batch_size,
+                    preprocessor_json=config["preprocessor"],
+                    preprocessor_fingerprint=prep.fingerprint,
                 )
-                torch.save(optimizer.state_dict(), os.path.join(tmp, CKPT_OPTIMIZER))
-                with open(os.path.join(tmp, CKPT_STATE), "w") as f:
-                    json.dump({"epoch": epoch, "preprocessor_fingerprint": prep.fingerprint}, f)
+                callbacks.on_checkpoint(state, Path(tmp))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-        if mlflow_log is not None:
-            client, run_id = mlflow_log
-            for key, value in metrics.items():
-                if key != "epoch":
-                    client.log_metric(run_id, key, value, step=epoch)
+
+    callbacks.on_run_start(state)
+    state.model.train()
+    while state.epoch < epochs:
+        callbacks.on_epoch_start(state)
+        total, rows = 0.0, 0
+        batches = train_shard.iter_batches(
+            batch_size=per_rank,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=max(per_rank * 8, 1024),
+            local_shuffle_seed=seed * 100_003 + state.epoch * 101 + rank,
+        )
+        for i, batch in enumerate(batches):
+            if i < state.step_in_epoch:
+                continue  # resumed mid-epoch: these steps are in the checkpoint already
+            while True:
+                try:
+                    loss = train_step(state, batch, prep, loss_fn, task, target_scale, device, precision)
+                    break
+                except torch.cuda.OutOfMemoryError as exc:
+                    if not callbacks.on_oom(state, exc):
+                        raise
+            if scheduler is not None:
+                scheduler.step()
+            state.step += 1
+            state.step_in_epoch += 1
+            state.last_loss = loss / batch.num_rows
+            total += loss
+            rows += batch.num_rows
+            callbacks.on_step_end(state)
+            if every and state.step % every == 0:
+                report({"epoch": state.epoch, "step": state.step, "train_loss": state.last_loss}, epoch_done=False)
+        total, n_rows = _all_reduce_sum([total, rows])
+        state.metrics = {
+            "train_loss": total / max(n_rows, 1),
+            **_evaluate(state.model, valid_shard, prep, loss_fn, task, target_scale, device),
+        }
+        callbacks.on_epoch_end(state)
+        report({"epoch": state.epoch, "step": state.step, **state.metrics}, epoch_done=True)
+        state.epoch += 1
+        state.step_in_epoch = 0
+    callbacks.on_run_end(state)

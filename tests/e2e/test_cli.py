@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, subprocess_env
 
 pytestmark = pytest.mark.e2e
 SKEWLESS = str(Path(sys.executable).with_name("skewless"))
@@ -47,8 +46,7 @@ def test_user_errors_print_without_traceback(tmp_path: Path) -> None:
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
     """The README's main job: generate, train, register, serve, query, parity."""
-    env = {**os.environ, "SKEWLESS_HOME": str(tmp_path / "home"), "RAY_ADDRESS": "local"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = subprocess_env(SKEWLESS_HOME=str(tmp_path / "home"), RAY_ADDRESS="local")
     port = free_port()
     out = subprocess.run(
         [SKEWLESS, "demo", "--rows", "4000", "--epochs", "1", "--port", str(port)],

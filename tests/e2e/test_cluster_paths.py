@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_for_condition
+from tests.conftest import free_port, subprocess_env, wait_for_condition
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -38,14 +38,9 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subproce
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("cluster-home")
-    env = {
-        **os.environ,
-        "SKEWLESS_HOME": str(home),
-        "RAY_AUTH_MODE": "token",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(var, None)
+    env = subprocess_env(
+        SKEWLESS_HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     dash = free_port()
     started = _run(
         [
@@ -62,8 +57,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         timeout=120,
     )
     assert started.returncode == 0, started.stdout + started.stderr
+    address = f"http://127.0.0.1:{dash}"
+    # Ready means a job can be submitted: the dashboard agent comes up after `ray start` returns.
+    wait_for_condition(
+        lambda: (
+            _run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--", "python", "-c", "pass"], env, timeout=60
+            ).returncode
+            == 0
+        ),
+        timeout=180,
+        interval=2,
+        message="Ray Jobs API ready",
+    )
     try:
-        yield Cluster(f"http://127.0.0.1:{dash}", env, home)
+        yield Cluster(address, env, home)
     finally:
         _run([str(BIN / "ray"), "stop", "--force"], env, timeout=120)
 
@@ -131,3 +139,41 @@ def test_ray_job_submit_then_serve_deploy(cluster: Cluster, tmp_path: Path) -> N
     refused = _run([str(BIN / "skewless"), "serve", "deploy", str(bad), "--address", cluster.dashboard], env)
     assert refused.returncode == 2 and "did you mean 'model_uri'" in refused.stderr, refused.stderr
     assert httpx.get(f"{endpoint}/healthz", timeout=5).status_code == 200  # untouched
+
+
+def test_skewless_train_submit_lineage_and_reproduce(cluster: Cluster) -> None:
+    env = cluster.env
+    data = cluster.home / "data" / "churn.parquet"
+    if not data.exists():
+        assert _run([str(BIN / "skewless"), "data", "generate", str(data), "--rows", "3000"], env).returncode == 0
+    sk = str(BIN / "skewless")
+
+    submitted = _run([sk, "train", "submit", "jobs/configs/churn.yaml", "--address", cluster.dashboard], env, 600)
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-2000:]
+    job_id = submitted.stdout.split("submitted ", 1)[1].split(";", 1)[0].strip()
+    assert "SUCCEEDED" in submitted.stdout and "registered models:/churn/" in submitted.stdout
+
+    status = _run([sk, "train", "status", job_id, "--address", cluster.dashboard], env)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    listed = _run([sk, "train", "list", "--address", cluster.dashboard], env)
+    assert job_id in listed.stdout
+    logs = _run([sk, "train", "logs", job_id, "--address", cluster.dashboard], env)
+    assert "training on 2 Ray Train worker(s)" in logs.stdout
+
+    # The job ran from an uploaded copy without .git: the commit came from the submitter.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    lineage = _run([sk, "models", "lineage", "models:/churn@candidate"], env)
+    assert lineage.returncode == 0, lineage.stderr
+    if head:
+        assert head in lineage.stdout
+    for what in ("dataset sha256", "preprocessing code", "environment sha256", "holdout_accuracy"):
+        assert what in lineage.stdout
+
+    reproduced = _run([sk, "reproduce", "models:/churn@candidate"], env, 600)
+    assert reproduced.returncode == 0, reproduced.stdout[-3000:] + reproduced.stderr[-2000:]
+    assert "holdout_accuracy" in reproduced.stdout and "champion unchanged" in reproduced.stdout
+
+    # Changed data: refused before any training, naming the path and both fingerprints.
+    assert _run([sk, "data", "generate", str(data), "--rows", "3000", "--seed", "99"], env).returncode == 0
+    refused = _run([sk, "reproduce", "models:/churn@candidate"], env, 300)
+    assert refused.returncode == 2 and "cannot reproduce: the dataset at" in refused.stderr, refused.stderr

@@ -201,3 +201,31 @@ def test_replica_refuses_foreign_preprocessing_code(trained: TrainOutcome, tmp_p
     status = serve.status().applications["foreign"]
     message = status.deployments["Predictor"].message
     assert "fingerprint mismatch" in message and "0000000000000000" in message, message
+
+
+@pytest.mark.parametrize("task", ["multiclass", "regression"])
+def test_other_tasks_train_register_and_predict(ray_session: Any, tmp_path: Path, task: str) -> None:
+    data = Path(generate_synthetic(tmp_path / f"{task}.parquet", SyntheticConfig(rows=2000, seed=3, task=task)))
+    spec = synthetic_feature_spec(task)  # type: ignore[arg-type]
+    cfg = TrainJobConfig.model_validate(
+        {
+            "data": {"path": str(data)},
+            "features": spec,
+            "optimizer": {"lr": 1e-2},
+            "training": {"epochs": 2, "batch_size": 128, "num_workers": 2},
+            "registry": {"model_name": f"itest-{task}"},
+        }
+    )
+    outcome = run_training(cfg, progress=lambda m: None)
+    label = spec["label"]["name"]
+    raw = outcome.holdout.drop_columns([label])
+    out = mlflow.pyfunc.load_model(f"models:/itest-{task}@champion").predict(raw.to_pandas())
+    truth = outcome.holdout[label].to_numpy()
+    if task == "multiclass":
+        assert set(out["prediction"]) <= {0, 1, 2}
+        assert outcome.metrics["holdout_accuracy"] > 0.45  # 3 classes: chance is ~0.33
+        assert np.mean(out["prediction"].to_numpy() == truth) == pytest.approx(outcome.metrics["holdout_accuracy"])
+    else:
+        rmse = float(np.sqrt(np.mean((out["prediction"].to_numpy() - truth) ** 2)))
+        assert rmse == pytest.approx(outcome.metrics["holdout_rmse"], rel=1e-6)
+        assert rmse < float(np.std(truth))  # better than predicting the mean

@@ -50,14 +50,24 @@ def test_serve_args():
 
 
 def test_unplaceable_jobs_are_refused_before_ray_work() -> None:
-    from runtime.training._driver import check_placeable
+    from runtime.cluster import check_placeable
 
     cfg = load_config(TrainJobConfig, {**BASE, "training": {"num_workers": 4, "use_gpu": True}})
     with pytest.raises(ConfigError, match=r"use_gpu = true needs 4 GPU\(s\).*the cluster has 0"):
-        check_placeable(cfg, {"CPU": 8.0})
+        check_placeable(cfg.training, {"CPU": 8.0})
     cfg = load_config(TrainJobConfig, {**BASE, "training": {"num_workers": 16}})
     with pytest.raises(
         ConfigError, match=r"num_workers \(16\) x cpus_per_worker \(1\) = 16 CPUs, but the cluster has 8"
     ):
-        check_placeable(cfg, {"CPU": 8.0})
-    check_placeable(load_config(TrainJobConfig, BASE), {"CPU": 8.0})
+        check_placeable(cfg.training, {"CPU": 8.0})
+    check_placeable(load_config(TrainJobConfig, BASE).training, {"CPU": 8.0})
+
+
+def test_micro_batch_larger_than_per_worker_batch_is_refused() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(
+            TrainJobConfig, {**BASE, "training": {"batch_size": 256, "num_workers": 2, "micro_batch_size": 200}}
+        )
+    assert "micro_batch_size (200) must be <= batch_size / num_workers (256 / 2 = 128)" in str(exc.value)
+    ok = load_config(TrainJobConfig, {**BASE, "training": {"batch_size": 256, "micro_batch_size": 32}})
+    assert ok.training.micro_batch_size == 32

@@ -1,0 +1,166 @@
+"""Ray Train overhead vs a plain PyTorch loop, and Ray Data ingestion vs plain pyarrow.
+
+Same model, same data, same per-step work (an Arrow batch -> the shared transform ->
+forward/backward/step), same torch thread count, in one run:
+
+- steady-state seconds per step: skewless's Ray Train job (1 worker, its real worker loop,
+  timed by a step-end callback) vs a plain loop in this process; prints the ratio;
+- ingestion rows/s into the model: Ray Data shard iteration + transform vs
+  ``pyarrow.parquet.read_table`` + slicing + transform.
+
+    python benchmarks/train_overhead.py [--rows 60000] [--out benchmarks/results/train_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow.parquet as pq
+
+from runtime.training import Callback, LoopState
+
+BATCH, HIDDEN, WARMUP = 256, [256, 256], 20
+
+
+class StepTimer(Callback):
+    """Rank 0 appends the wall time of each step end to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{time.perf_counter()}\n")
+
+
+def steady_step_s(stamps: list[float]) -> float:
+    gaps = [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1 :], strict=False)]
+    return statistics.median(gaps)
+
+
+def plain_loop(table: Any, prep: Any, steps: int, threads: int) -> float:
+    import torch
+
+    from runtime.models import build_model
+    from runtime.training._events import LoopState
+    from runtime.training._loop import _loss_fn, train_step
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model({"architecture": "mlp", "input_dim": prep.output_dim, "output_dim": 1, "hidden": HIDDEN})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = LoopState(
+        rank=0, world_size=1, epochs=1, batch_size=BATCH, micro_batch_size=BATCH, model=model, optimizer=opt
+    )
+    stamps = []
+    n = table.num_rows
+    for i in range(steps):
+        batch = table.slice((i * BATCH) % (n - BATCH), BATCH)
+        train_step(state, batch, prep, _loss_fn("binary"), "binary", (0.0, 1.0), torch.device("cpu"))
+        stamps.append(time.perf_counter())
+    return steady_step_s(stamps)
+
+
+def ray_train(data: Path, workdir: Path) -> tuple[float, int]:
+    from runtime.config import TrainJobConfig
+    from runtime.data import synthetic_feature_spec
+    from runtime.training import run_training
+
+    stamps_path = workdir / "stamps.txt"
+    cfg = TrainJobConfig.model_validate(
+        {
+            "data": {"path": str(data), "holdout_fraction": 0.05},
+            "features": synthetic_feature_spec(),
+            "model": {"hidden": HIDDEN},
+            "training": {"epochs": 1, "batch_size": BATCH, "num_workers": 1},
+            "registry": {"model_name": "bench-train-overhead", "promote": False},
+        }
+    )
+    run_training(
+        cfg, progress=lambda m: None, callbacks=[StepTimer(str(stamps_path))], storage_path=str(workdir / "results")
+    )
+    stamps = [float(x) for x in stamps_path.read_text().split()]
+    return steady_step_s(stamps), len(stamps)
+
+
+def ingestion(data: Path, prep: Any) -> dict[str, float]:
+    import ray
+
+    t0 = time.perf_counter()
+    table = pq.read_table(data)
+    rows = 0
+    for start in range(0, table.num_rows, BATCH):
+        rows += prep.transform(table.slice(start, BATCH)).shape[0]
+    plain = rows / (time.perf_counter() - t0)
+
+    ds = ray.data.read_parquet(str(data))
+    t0 = time.perf_counter()
+    rows = 0
+    for batch in ds.iter_batches(batch_size=BATCH, batch_format="pyarrow"):
+        rows += prep.transform(batch).shape[0]
+    via_ray = rows / (time.perf_counter() - t0)
+    return {"pyarrow_rows_per_s": plain, "ray_data_rows_per_s": via_ray, "ratio": via_ray / plain}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rows", type=int, default=60_000)
+    parser.add_argument("--out", default="benchmarks/results/train_overhead.json")
+    args = parser.parse_args()
+
+    from runtime.cluster import connect
+    from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
+    from runtime.preprocessing import FeatureSpec, fit
+
+    os.environ.setdefault("SKEWLESS_HOME", tempfile.mkdtemp(prefix="skewless-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="train-overhead-"))
+    data = Path(generate_synthetic(work / "d.parquet", SyntheticConfig(rows=args.rows, seed=1)))
+    table = pq.read_table(data)
+    prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
+
+    connect()
+    ray_step, steps = ray_train(data, work)
+    threads = 1  # Ray sets OMP_NUM_THREADS=1 for a 1-CPU worker; the baseline matches it
+    plain_step = plain_loop(table, prep, steps, threads)
+    ingest = ingestion(data, prep)
+    result = {
+        "benchmark": "train_overhead",
+        "rows": args.rows,
+        "batch_size": BATCH,
+        "hidden": HIDDEN,
+        "steps": steps,
+        "torch_threads": threads,
+        "plain_pytorch_step_ms": plain_step * 1e3,
+        "ray_train_step_ms": ray_step * 1e3,
+        "ray_train_over_plain": ray_step / plain_step,
+        "ingestion": ingest,
+        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
+    }
+    print(
+        f"steady-state step: plain PyTorch {plain_step * 1e3:.2f} ms, Ray Train {ray_step * 1e3:.2f} ms "
+        f"-> ratio {ray_step / plain_step:.3f} (target <= 1.05)"
+    )
+    print(
+        f"ingestion into the model: pyarrow {ingest['pyarrow_rows_per_s']:,.0f} rows/s, Ray Data "
+        f"{ingest['ray_data_rows_per_s']:,.0f} rows/s -> ratio {ingest['ratio']:.2f}"
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

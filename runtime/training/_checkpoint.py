@@ -1,0 +1,110 @@
+"""Training checkpoints: everything needed to resume a run exactly where it stopped.
+
+A checkpoint directory holds::
+
+    weights.safetensors   model state dict (no pickle)
+    optimizer.pt          optimizer + LR scheduler state (torch.load(weights_only=True))
+    rng.pt                torch / numpy / python RNG states (torch.load(weights_only=True))
+    train_state.json      epoch, step, micro-batch size, preprocessing fingerprint
+    preprocessor.json     the fitted preprocessing state, so a checkpoint is servable alone
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WEIGHTS, OPTIMIZER, RNG, STATE, PREPROCESSOR = (
+    "weights.safetensors",
+    "optimizer.pt",
+    "rng.pt",
+    "train_state.json",
+    "preprocessor.json",
+)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    epoch: int  # the epoch to continue in
+    step: int  # optimizer steps already taken
+    step_in_epoch: int  # steps of ``epoch`` already taken (0 at an epoch boundary)
+    micro_batch_size: int
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    np_state: Any = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), *np_state[2:]],
+        "python": [py_state[0], torch.tensor(py_state[1], dtype=torch.int64), py_state[2]],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+
+
+def save_checkpoint(
+    directory: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    epoch: int,
+    step: int,
+    step_in_epoch: int,
+    micro_batch_size: int,
+    preprocessor_json: str,
+    preprocessor_fingerprint: str,
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    base = model.module if hasattr(model, "module") else model
+    save_file({k: v.detach().cpu().contiguous() for k, v in base.state_dict().items()}, str(directory / WEIGHTS))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
+        directory / OPTIMIZER,
+    )
+    torch.save(_rng_state(), directory / RNG)
+    (directory / PREPROCESSOR).write_text(preprocessor_json)
+    (directory / STATE).write_text(
+        json.dumps(
+            {
+                "epoch": epoch,
+                "step": step,
+                "step_in_epoch": step_in_epoch,
+                "micro_batch_size": micro_batch_size,
+                "preprocessor_fingerprint": preprocessor_fingerprint,
+            }
+        )
+    )
+
+
+def load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any) -> ResumePoint:
+    """Restore model, optimizer, scheduler and RNG states in place; returns where to resume."""
+    import torch
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    opt = torch.load(directory / OPTIMIZER, weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    if scheduler is not None and opt["scheduler"] is not None:
+        scheduler.load_state_dict(opt["scheduler"])
+    _set_rng_state(torch.load(directory / RNG, weights_only=True))
+    state = json.loads((directory / STATE).read_text())
+    return ResumePoint(state["epoch"], state["step"], state["step_in_epoch"], state["micro_batch_size"])

@@ -1,0 +1,114 @@
+"""The worker loop's pieces without Ray: micro-batching, events, checkpoints."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
+from runtime.models import build_model
+from runtime.preprocessing import FeatureSpec, fit
+from runtime.training import Callback, Event, LoopState
+from runtime.training._checkpoint import load_checkpoint, save_checkpoint
+from runtime.training._events import CallbackList
+from runtime.training._loop import _loss_fn, train_step
+
+
+@pytest.fixture(scope="module")
+def batch_and_prep(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    path = generate_synthetic(tmp_path_factory.mktemp("d") / "d.parquet", SyntheticConfig(rows=512, seed=2))
+    table = pq.read_table(path)
+    prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
+    return table, prep
+
+
+def _model(prep) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return build_model({"architecture": "mlp", "input_dim": prep.output_dim, "output_dim": 1, "hidden": [16]})
+
+
+@pytest.mark.parametrize("micro", [1, 7, 64, 256])
+def test_micro_batching_gives_the_full_batch_gradient(batch_and_prep, micro: int) -> None:  # type: ignore[no-untyped-def]
+    table, prep = batch_and_prep
+    batch = table.slice(0, 256)
+    results = []
+    for m in (256, micro):
+        model = _model(prep)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = LoopState(
+            rank=0, world_size=1, epochs=1, batch_size=256, micro_batch_size=m, model=model, optimizer=opt
+        )
+        loss = train_step(state, batch, prep, _loss_fn("binary"), "binary", (0.0, 1.0), torch.device("cpu"))
+        results.append((loss, [p.detach().clone() for p in model.parameters()]))
+    (full_loss, full), (micro_loss, parts) = results
+    assert micro_loss == pytest.approx(full_loss, rel=1e-5)
+    for a, b in zip(full, parts, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # float summation order only
+
+
+def test_accumulation_steps() -> None:
+    s = LoopState(rank=0, world_size=2, epochs=1, batch_size=100, micro_batch_size=32)
+    assert s.accumulation_steps == 4
+
+
+def test_callbacks_fire_in_order_and_oom_is_claimed() -> None:
+    seen: list[str] = []
+
+    class Recorder(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            seen.append(f"step{state.step}")
+
+        def on_oom(self, state: LoopState, error: BaseException) -> bool:
+            state.micro_batch_size //= 2
+            return True
+
+    cbs = CallbackList([Recorder(), Callback()])
+    state = LoopState(rank=0, world_size=1, epochs=1, batch_size=8, micro_batch_size=8, step=3)
+    cbs.fire(Event.STEP_END, state)
+    assert seen == ["step3"]
+    assert cbs.on_oom(state, RuntimeError("x")) and state.micro_batch_size == 4
+    assert not CallbackList([Callback()]).on_oom(state, RuntimeError("x"))
+    assert {e.value for e in Event} == {n for n in dir(Callback) if n.startswith("on_")}
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(batch_and_prep, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    table, prep = batch_and_prep
+    model = _model(prep)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    state = LoopState(rank=0, world_size=1, epochs=1, batch_size=64, micro_batch_size=64, model=model, optimizer=opt)
+    train_step(state, table.slice(0, 64), prep, _loss_fn("binary"), "binary", (0.0, 1.0), torch.device("cpu"))
+    sched.step()
+    torch.manual_seed(123), np.random.seed(5), random.seed(9)
+    save_checkpoint(
+        tmp_path,
+        model,
+        opt,
+        sched,
+        epoch=1,
+        step=7,
+        step_in_epoch=3,
+        micro_batch_size=16,
+        preprocessor_json=prep.to_json(),
+        preprocessor_fingerprint=prep.fingerprint,
+    )
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+
+    other = _model(prep)
+    torch.nn.init.zeros_(next(other.parameters()))
+    opt2 = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=10)
+    resume = load_checkpoint(tmp_path, other, opt2, sched2)
+    assert (resume.epoch, resume.step, resume.step_in_epoch, resume.micro_batch_size) == (1, 7, 3, 16)
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert sched2.last_epoch == 1
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    assert (tmp_path / "preprocessor.json").read_text() == prep.to_json()
