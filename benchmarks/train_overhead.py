@@ -26,11 +26,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runtime.training import Callback, LoopState
 
-BATCH, HIDDEN, WARMUP = 256, [256, 256], 20
+WARMUP = 20
+# (batch size, hidden widths): a small step where fixed per-step costs show, and a larger one.
+SIZES = [(256, [256, 256]), (1024, [1024, 1024])]
 
 
 class StepTimer(Callback):
@@ -50,7 +54,7 @@ def steady_step_s(stamps: list[float]) -> float:
     return statistics.median(gaps)
 
 
-def plain_loop(table: Any, prep: Any, steps: int, threads: int) -> float:
+def plain_loop(table: Any, prep: Any, steps: int, threads: int, batch_size: int, hidden: list[int]) -> float:
     import torch
 
     from runtime.models import build_model
@@ -59,32 +63,35 @@ def plain_loop(table: Any, prep: Any, steps: int, threads: int) -> float:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model({"architecture": "mlp", "input_dim": prep.output_dim, "output_dim": 1, "hidden": HIDDEN})
+    model = build_model({"architecture": "mlp", "input_dim": prep.output_dim, "output_dim": 1, "hidden": hidden})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = LoopState(
-        rank=0, world_size=1, epochs=1, batch_size=BATCH, micro_batch_size=BATCH, model=model, optimizer=opt
+        rank=0, world_size=1, epochs=1, batch_size=batch_size, micro_batch_size=batch_size, model=model, optimizer=opt
     )
     stamps = []
+    rng = np.random.default_rng(0)
     n = table.num_rows
+    window = batch_size * 8  # the Ray loop's local shuffle buffer: a random take from 8 batches' rows
     for i in range(steps):
-        batch = table.slice((i * BATCH) % (n - BATCH), BATCH)
+        start = (i * batch_size) % (n - window)
+        batch = table.slice(start, window).take(rng.integers(0, window, batch_size))
         train_step(state, batch, prep, _loss_fn("binary"), "binary", (0.0, 1.0), torch.device("cpu"))
         stamps.append(time.perf_counter())
     return steady_step_s(stamps)
 
 
-def ray_train(data: Path, workdir: Path) -> tuple[float, int]:
+def ray_train(data: Path, workdir: Path, batch_size: int, hidden: list[int]) -> tuple[float, int]:
     from runtime.config import TrainJobConfig
     from runtime.data import synthetic_feature_spec
     from runtime.training import run_training
 
-    stamps_path = workdir / "stamps.txt"
+    stamps_path = workdir / f"stamps-{batch_size}.txt"
     cfg = TrainJobConfig.model_validate(
         {
             "data": {"path": str(data), "holdout_fraction": 0.05},
             "features": synthetic_feature_spec(),
-            "model": {"hidden": HIDDEN},
-            "training": {"epochs": 1, "batch_size": BATCH, "num_workers": 1},
+            "model": {"hidden": hidden},
+            "training": {"epochs": 1, "batch_size": batch_size, "num_workers": 1},
             "registry": {"model_name": "bench-train-overhead", "promote": False},
         }
     )
@@ -95,28 +102,38 @@ def ray_train(data: Path, workdir: Path) -> tuple[float, int]:
     return steady_step_s(stamps), len(stamps)
 
 
-def ingestion(data: Path, prep: Any) -> dict[str, float]:
+def ingestion(data: Path, prep: Any, batch_size: int = 4096) -> dict[str, float]:
+    """Rows/s from Parquet through the transform, timed from the first batch (start-up apart)."""
     import ray
 
-    t0 = time.perf_counter()
-    table = pq.read_table(data)
-    rows = 0
-    for start in range(0, table.num_rows, BATCH):
-        rows += prep.transform(table.slice(start, BATCH)).shape[0]
-    plain = rows / (time.perf_counter() - t0)
+    def rate(batches: Any) -> tuple[float, float]:
+        t_start = time.perf_counter()
+        rows, first = 0, None
+        for batch in batches:
+            rows += prep.transform(batch).shape[0]
+            if first is None:
+                first, rows = time.perf_counter(), 0
+        end = time.perf_counter()
+        return rows / (end - (first or t_start)), (first or end) - t_start
 
+    plain, plain_start = rate(
+        pa.Table.from_batches([b]) for b in pq.ParquetFile(data).iter_batches(batch_size=batch_size)
+    )
     ds = ray.data.read_parquet(str(data))
-    t0 = time.perf_counter()
-    rows = 0
-    for batch in ds.iter_batches(batch_size=BATCH, batch_format="pyarrow"):
-        rows += prep.transform(batch).shape[0]
-    via_ray = rows / (time.perf_counter() - t0)
-    return {"pyarrow_rows_per_s": plain, "ray_data_rows_per_s": via_ray, "ratio": via_ray / plain}
+    via_ray, ray_start = rate(ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
+    return {
+        "batch_size": batch_size,
+        "pyarrow_rows_per_s": plain,
+        "ray_data_rows_per_s": via_ray,
+        "ratio": via_ray / plain,
+        "pyarrow_first_batch_s": plain_start,
+        "ray_data_first_batch_s": ray_start,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--rows", type=int, default=60_000)
+    parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--out", default="benchmarks/results/train_overhead.json")
     args = parser.parse_args()
 
@@ -131,30 +148,39 @@ def main() -> None:
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
 
     connect()
-    ray_step, steps = ray_train(data, work)
     threads = 1  # Ray sets OMP_NUM_THREADS=1 for a 1-CPU worker; the baseline matches it
-    plain_step = plain_loop(table, prep, steps, threads)
+    steps_results = []
+    for batch_size, hidden in SIZES:
+        ray_step, steps = ray_train(data, work, batch_size, hidden)
+        plain_step = plain_loop(table, prep, steps, threads, batch_size, hidden)
+        steps_results.append(
+            {
+                "batch_size": batch_size,
+                "hidden": hidden,
+                "steps": steps,
+                "plain_pytorch_step_ms": plain_step * 1e3,
+                "ray_train_step_ms": ray_step * 1e3,
+                "ray_train_over_plain": ray_step / plain_step,
+            }
+        )
+        print(
+            f"steady-state step (batch {batch_size}, hidden {hidden}): plain PyTorch {plain_step * 1e3:.2f} ms, "
+            f"Ray Train {ray_step * 1e3:.2f} ms -> ratio {ray_step / plain_step:.3f} (target <= 1.05)"
+        )
     ingest = ingestion(data, prep)
     result = {
         "benchmark": "train_overhead",
         "rows": args.rows,
-        "batch_size": BATCH,
-        "hidden": HIDDEN,
-        "steps": steps,
         "torch_threads": threads,
-        "plain_pytorch_step_ms": plain_step * 1e3,
-        "ray_train_step_ms": ray_step * 1e3,
-        "ray_train_over_plain": ray_step / plain_step,
+        "step_time": steps_results,
         "ingestion": ingest,
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
     }
     print(
-        f"steady-state step: plain PyTorch {plain_step * 1e3:.2f} ms, Ray Train {ray_step * 1e3:.2f} ms "
-        f"-> ratio {ray_step / plain_step:.3f} (target <= 1.05)"
-    )
-    print(
-        f"ingestion into the model: pyarrow {ingest['pyarrow_rows_per_s']:,.0f} rows/s, Ray Data "
-        f"{ingest['ray_data_rows_per_s']:,.0f} rows/s -> ratio {ingest['ratio']:.2f}"
+        f"ingestion into the model (steady state, batches of {ingest['batch_size']}): pyarrow "
+        f"{ingest['pyarrow_rows_per_s']:,.0f} rows/s, Ray Data {ingest['ray_data_rows_per_s']:,.0f} rows/s -> "
+        f"ratio {ingest['ratio']:.2f}; first batch after {ingest['pyarrow_first_batch_s']:.2f} s vs "
+        f"{ingest['ray_data_first_batch_s']:.2f} s"
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
