@@ -28,6 +28,8 @@ __all__ = [
     "expand_path",
     "format_validation_error",
     "load_config",
+    "read_yaml",
+    "resolve_path",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -136,8 +138,8 @@ class TrainJobConfig(_Strict):
     def feature_spec_dict(self, base_dir: Path | None = None) -> dict[str, Any]:
         if isinstance(self.features, dict):
             return self.features
-        path = _resolve_path(self.features, base_dir)
-        return _read_yaml(path)
+        path = resolve_path(self.features, base_dir)
+        return read_yaml(path)
 
 
 class ServeAppArgs(_Strict):
@@ -152,6 +154,7 @@ class ServeAppArgs(_Strict):
         description="Load even when the installed preprocessing code differs (logged loudly).",
     )
     max_instances: int = Field(default=10_000, ge=1, description="Most instances in one request.")
+    max_body_bytes: int = Field(default=10 << 20, ge=1024, description="Largest request body accepted (413 above).")
 
 
 def expand_path(value: str) -> str:
@@ -161,14 +164,14 @@ def expand_path(value: str) -> str:
     return os.path.expanduser(os.path.expandvars(value))
 
 
-def _resolve_path(path: str, base_dir: Path | None) -> Path:
+def resolve_path(path: str, base_dir: Path | None) -> Path:
     p = Path(os.path.expandvars(os.path.expanduser(path)))
     if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
         return base_dir / p
     return p
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
@@ -225,7 +228,7 @@ def load_config(model: type[M], source: str | os.PathLike[str] | dict[str, Any])
         data, name = source, "config"
     else:
         path = Path(source)
-        data, name = _read_yaml(path), str(path)
+        data, name = read_yaml(path), str(path)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

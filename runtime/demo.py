@@ -94,7 +94,8 @@ def run_demo(
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     run_app(build_predictor_app({"model_uri": model_uri}), name=model_name, route_prefix=route)
     health = wait_until_healthy(endpoint)
-    progress(f"      healthy: serving version {health['model']['version']}")
+    served = str(health["model"]["version"])
+    progress(f"      healthy: serving version {served} ({outcome.decision})")
 
     label = cfg.feature_spec_dict()["label"]["name"]
     sample = outcome.holdout.slice(0, 256).drop_columns([label])
@@ -104,4 +105,4 @@ def run_demo(
 
     one = json.dumps({"instances": [sample.slice(0, 1).to_pylist()[0]]})
     curl = f"curl -s -X POST {endpoint}/predict -H 'Content-Type: application/json' -d '{one}'"
-    return DemoResult(endpoint, model_uri, outcome.version, outcome.metrics, parity, curl, tracking_uri(), data_path)
+    return DemoResult(endpoint, model_uri, served, outcome.metrics, parity, curl, tracking_uri(), data_path)

@@ -202,7 +202,7 @@ def reproduce(
     for name, old, new, diff in result.differences():
         table.add_row(name, f"{old:.6f}", f"{new:.6f}", f"{diff:+.2e}")
     console.print(table)
-    console.print(f"reproduced as models:/{result.outcome.model_name}/{result.outcome.version} (champion unchanged)")
+    console.print(f"reproduced as models:/{result.outcome.model_name}/{result.outcome.version} (aliases unchanged)")
 
 
 @data_app.command("generate")

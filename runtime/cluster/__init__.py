@@ -1,6 +1,6 @@
 """Ray clusters: join the one the user points at or start a local one; submit jobs to it."""
 
-from runtime.cluster._connect import check_placeable, connect, started_locally
+from runtime.cluster._connect import check_placeable, connect, cpus_for, started_locally
 from runtime.cluster._jobs import (
     JobInfo,
     follow_logs,
@@ -9,13 +9,13 @@ from runtime.cluster._jobs import (
     list_jobs,
     stop_job,
     submit_training,
-    wait_for_job,
 )
 
 __all__ = [
     "JobInfo",
     "check_placeable",
     "connect",
+    "cpus_for",
     "follow_logs",
     "job_info",
     "job_logs",
@@ -23,5 +23,4 @@ __all__ = [
     "started_locally",
     "stop_job",
     "submit_training",
-    "wait_for_job",
 ]

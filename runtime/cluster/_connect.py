@@ -18,6 +18,16 @@ from runtime.errors import ConfigError
 _started_here = False
 
 
+# Logical CPUs a new local instance keeps free beside the Train workers: Ray Data tasks, the
+# Train controller, Serve replicas.
+HEADROOM_CPUS = 4
+
+
+def cpus_for(num_workers: int, cpus_per_worker: float, groups: int = 1) -> int:
+    """Logical CPUs to start a local instance with for ``groups`` concurrent worker groups."""
+    return int(num_workers * cpus_per_worker * groups) + HEADROOM_CPUS
+
+
 def connect(min_cpus: int = 8) -> None:
     """Connect this process to Ray once; a no-op when already connected."""
     global _started_here

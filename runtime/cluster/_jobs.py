@@ -30,6 +30,8 @@ EXCLUDES = [
     "*.parquet",
     "runtime/",
 ]
+# Forwarded so the job uses the submitter's store; a URI with credentials in it is not
+# forwarded (job settings are visible in the dashboard): set it on the cluster instead.
 FORWARDED_ENV = ("SKEWLESS_HOME", "MLFLOW_TRACKING_URI")
 
 
@@ -43,12 +45,15 @@ class JobInfo:
     end_time: float | None
 
 
-def project_root() -> Path:
-    """The directory holding ``jobs/`` and ``runtime/``: the checkout skewless runs from."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "jobs").is_dir():
-        raise ConfigError(f"cannot find the project's jobs/ directory next to {root / 'runtime'}")
-    return root
+def project_root(start: Path) -> Path:
+    """The project checkout holding ``start``: the nearest parent with ``jobs/`` and ``pyproject.toml``."""
+    for candidate in (start, *start.parents):
+        if (candidate / "jobs").is_dir() and (candidate / "pyproject.toml").is_file():
+            return candidate
+    raise ConfigError(
+        f"{start} is not inside a skewless project (no parent holds jobs/ and pyproject.toml); "
+        "run from your project checkout"
+    )
 
 
 def _client(address: str | None) -> Any:
@@ -64,12 +69,13 @@ def _client(address: str | None) -> Any:
 
 def submit_training(config: Path, address: str | None = None, entrypoint_module: str = "jobs.train") -> str:
     """Validate ``config`` locally, then submit ``python -m jobs.train --config ...``; returns the job id."""
+    import runtime
     from runtime.config import TrainJobConfig, load_config
     from runtime.preprocessing import FeatureSpec
     from runtime.registry import git_info
 
-    root = project_root()
     path = config.resolve()
+    root = project_root(path.parent)
     try:
         rel = path.relative_to(root)
     except ValueError:
@@ -77,12 +83,14 @@ def submit_training(config: Path, address: str | None = None, entrypoint_module:
     cfg = load_config(TrainJobConfig, path)
     FeatureSpec.model_validate(cfg.feature_spec_dict(path.parent))  # fail here, not on the cluster
     git = git_info(root)
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    env.update({"SKEWLESS_GIT_COMMIT": git.commit, "SKEWLESS_GIT_DIRTY": str(git.dirty).lower()})
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and "@" not in os.environ[k]}
+    env["SKEWLESS_GIT_COMMIT"] = git.commit
+    if git.dirty is not None:
+        env["SKEWLESS_GIT_DIRTY"] = str(git.dirty).lower()
     runtime_env = {
         "working_dir": str(root),
         "excludes": EXCLUDES,
-        "py_modules": [str(root / "runtime")],
+        "py_modules": [str(Path(runtime.__file__).resolve().parent)],
         "env_vars": env,
     }
     client = _client(address)
@@ -142,21 +150,3 @@ def follow_logs(job_id: str, write: Callable[[str], None], address: str | None =
 
 def stop_job(job_id: str, address: str | None = None) -> bool:
     return bool(_client(address).stop_job(job_id))
-
-
-def wait_for_job(
-    job_id: str, address: str | None = None, timeout_s: float = 3600.0, on_status: Callable[[str], None] | None = None
-) -> JobInfo:
-    """Poll until the job reaches a terminal state (SUCCEEDED, FAILED, STOPPED)."""
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while True:
-        info = job_info(job_id, address)
-        if info.status != last and on_status:
-            on_status(info.status)
-        last = info.status
-        if info.status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return info
-        if time.monotonic() > deadline:
-            raise ClusterError(f"job {job_id} still {info.status} after {timeout_s:.0f}s")
-        time.sleep(1.0)

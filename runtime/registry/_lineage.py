@@ -6,7 +6,7 @@ import hashlib
 import os
 import platform
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -27,8 +27,8 @@ class GitInfo:
 def git_info(path: str | os.PathLike[str] | None = None) -> GitInfo:
     """The commit and dirty flag of the checkout at ``path`` (default: this package's)."""
     if os.environ.get(GIT_COMMIT_ENV):
-        dirty = os.environ.get(GIT_DIRTY_ENV)
-        return GitInfo(os.environ[GIT_COMMIT_ENV], None if dirty is None else dirty == "true")
+        dirty = os.environ.get(GIT_DIRTY_ENV, "").lower()
+        return GitInfo(os.environ[GIT_COMMIT_ENV], dirty == "true" if dirty in ("true", "false") else None)
     cwd = Path(path) if path else Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str:
@@ -74,4 +74,4 @@ def hardware() -> dict[str, str]:
     return info
 
 
-__all__ = ["GitInfo", "asdict", "environment_lock", "git_info", "hardware"]
+__all__ = ["GitInfo", "environment_lock", "git_info", "hardware"]

@@ -83,9 +83,6 @@ class Predictions:
     probabilities: np.ndarray | None
     classes: list[Any] | None
 
-    def to_records(self) -> list[Any]:
-        return self.values
-
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"predictions": self.values}
         if self.probabilities is not None:

@@ -113,7 +113,9 @@ def download(model_uri: str) -> tuple[ModelRef | None, Path]:
     import mlflow
 
     if not model_uri.startswith(("models:/", "runs:/")):
-        path = Path(model_uri.removeprefix("file://"))
+        from urllib.parse import unquote, urlparse
+
+        path = Path(unquote(urlparse(model_uri).path)) if model_uri.startswith("file:") else Path(model_uri)
         return None, path
     ref = resolve(model_uri) if model_uri.startswith("models:/") else None
     src = ref.uri if ref else model_uri

@@ -14,6 +14,7 @@ from the one the model was trained with (``allow_fingerprint_mismatch`` override
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -27,6 +28,10 @@ from runtime.config import ServeAppArgs, load_config
 from runtime.errors import SchemaValidationError
 
 logger = logging.getLogger("ray.serve")
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON; send null for a missing value")
 
 
 def _error(status: int, field: str | None, value: Any, rule: str, row: int | None = None) -> JSONResponse:
@@ -71,12 +76,16 @@ class Predictor:
             return _error(404, None, path, "unknown route; use POST /predict or GET /healthz")
         if request.method != "POST":
             return _error(405, None, request.method, "POST /predict")
-        return self._predict(await request.body())
+        body = await request.body()
+        if len(body) > self.args.max_body_bytes:
+            return _error(413, None, len(body), f"request body at most {self.args.max_body_bytes} bytes")
+        # The model runs in a worker thread so the replica's event loop keeps serving.
+        return await asyncio.to_thread(self._predict, body)
 
     def _predict(self, body: bytes) -> JSONResponse:
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            payload = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             return _error(400, None, body[:100].decode("utf-8", "replace"), f"body must be valid JSON ({exc})")
         if not isinstance(payload, dict) or "instances" not in payload:
             return _error(

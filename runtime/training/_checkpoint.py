@@ -34,6 +34,7 @@ class ResumePoint:
     step: int  # optimizer steps already taken
     step_in_epoch: int  # steps of ``epoch`` already taken (0 at an epoch boundary)
     micro_batch_size: int
+    preprocessor_fingerprint: str
 
 
 def _rng_state() -> dict[str, Any]:
@@ -95,16 +96,36 @@ def save_checkpoint(
     )
 
 
-def load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any) -> ResumePoint:
-    """Restore model, optimizer, scheduler and RNG states in place; returns where to resume."""
+def load_checkpoint(
+    directory: Path, model: Any, optimizer: Any, scheduler: Any, expected_preprocessor: str | None = None
+) -> ResumePoint:
+    """Restore model, optimizer, scheduler and RNG states in place; returns where to resume.
+
+    With ``expected_preprocessor``, a checkpoint fit on other data or features is refused
+    before any state is touched (a resumed run must continue the *same* run).
+    """
     import torch
     from safetensors.torch import load_file
 
+    from runtime.errors import TrainingError
+
+    state = json.loads((directory / STATE).read_text())
+    if expected_preprocessor and state["preprocessor_fingerprint"] != expected_preprocessor:
+        raise TrainingError(
+            f"checkpoint {directory} was trained with preprocessing {state['preprocessor_fingerprint'][:16]}, "
+            f"this run fits {expected_preprocessor[:16]} (the data or the feature spec changed); "
+            "use a new training.run_name to start a fresh run"
+        )
     model.load_state_dict(load_file(str(directory / WEIGHTS)))
     opt = torch.load(directory / OPTIMIZER, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     if scheduler is not None and opt["scheduler"] is not None:
         scheduler.load_state_dict(opt["scheduler"])
     _set_rng_state(torch.load(directory / RNG, weights_only=True))
-    state = json.loads((directory / STATE).read_text())
-    return ResumePoint(state["epoch"], state["step"], state["step_in_epoch"], state["micro_batch_size"])
+    return ResumePoint(
+        state["epoch"],
+        state["step"],
+        state["step_in_epoch"],
+        state["micro_batch_size"],
+        state["preprocessor_fingerprint"],
+    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from runtime.cluster import check_placeable, connect
+from runtime.cluster import check_placeable, connect, cpus_for
 from runtime.config import TrainJobConfig
 from runtime.data import dataset_fingerprint, read_table
-from runtime.errors import ConfigError, SkewlessError, TrainingError
+from runtime.errors import ConfigError, FingerprintMismatchError, SkewlessError, TrainingError
 from runtime.models import output_dim_for
 from runtime.preprocessing import FeatureSpec, FittedPreprocessor, fit
 from runtime.training._events import Callback
@@ -48,7 +47,9 @@ def split_holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table
     n = table.num_rows
     n_holdout = max(1, round(n * fraction))
     if n - n_holdout < 1:
-        raise ConfigError(f"data has {n} rows: too few to hold out {fraction:.0%} and still train")
+        raise ConfigError(
+            f"data.holdout_fraction ({fraction}) leaves no training rows out of {n}; lower it or add data"
+        )
     perm = np.random.default_rng(seed).permutation(n)
     return table.take(np.sort(perm[n_holdout:])), table.take(np.sort(perm[:n_holdout]))
 
@@ -71,6 +72,7 @@ def run_training(
     extra_tags: dict[str, str] | None = None,
     register: bool = True,
     run_callbacks: list[Any] | None = None,
+    move_candidate: bool = True,
 ) -> TrainOutcome:
     """Train, evaluate, package, log, register and (maybe) promote. Returns the outcome.
 
@@ -93,6 +95,10 @@ def run_training(
     t0 = time.monotonic()
     spec_dict = cfg.feature_spec_dict(config_dir)
     spec = FeatureSpec.model_validate(spec_dict)
+    if spec.label is None:
+        raise ConfigError(
+            "the feature spec has no `label:` section; training needs one, e.g. label: {name: y, task: binary}"
+        )
     # The resolved config is self-contained (the spec inline), so `reproduce` needs no files.
     resolved = {**cfg.model_dump(mode="json"), "features": spec_dict}
     progress(f"reading {cfg.data.path}")
@@ -104,10 +110,6 @@ def run_training(
         f"{train_table.num_rows} training rows"
     )
     prep: FittedPreprocessor = fit(spec, train_table)
-    if spec.label is None:
-        raise ConfigError(
-            "the feature spec has no `label:` section; training needs one, e.g. label: {name: y, task: binary}"
-        )
     task = spec.label.task
     target_scale = (0.0, 1.0)
     if task == "regression":
@@ -131,7 +133,7 @@ def run_training(
     experiment_id = registry.ensure_experiment(cfg.registry.experiment or name)
     git = registry.git_info()
     env_text, env_hash = registry.environment_lock()
-    connect(min_cpus=int(cfg.training.num_workers * cfg.training.cpus_per_worker) + 4)
+    connect(min_cpus=cpus_for(cfg.training.num_workers, cfg.training.cpus_per_worker))
     check_placeable(cfg.training, ray.cluster_resources())
 
     with mlflow.start_run(experiment_id=experiment_id) as run:
@@ -206,7 +208,8 @@ def run_training(
 
         with result.checkpoint.as_directory() as d:
             state = load_file(str(Path(d) / CKPT_WEIGHTS))
-        model_dir = Path(tempfile.mkdtemp(prefix="skewless-model-")) / "model"
+        # Kept beside the store (not in /tmp): MLflow holds the logged copy, this one is the run's.
+        model_dir = registry.skewless_home() / "runs" / run_id / "model"
         registry.write_model_dir(model_dir, state, model_config, prep)
         candidate = registry.load_model_dir(model_dir)
         metrics = evaluate(candidate, holdout)
@@ -220,7 +223,7 @@ def run_training(
         mlflow.set_tags({"skewless.model_uri": model_uri, registry.MANIFEST_TAG: manifest_sha})
         if not register:
             return TrainOutcome(run_id, name, "", metrics, False, "not registered", model_dir, holdout)
-        outcome = register_run_model(run_id, cfg, metrics, holdout, progress, model_dir)
+        outcome = register_run_model(run_id, cfg, metrics, holdout, progress, model_dir, move_candidate)
     return outcome
 
 
@@ -231,6 +234,7 @@ def register_run_model(
     holdout: pa.Table,
     progress: Progress,
     model_dir: Path | None = None,
+    move_candidate: bool = True,
 ) -> TrainOutcome:
     """Register the model a run logged: version tagged with the run's lineage, alias
     ``candidate``, and ``champion`` when it beats the incumbent on ``holdout``."""
@@ -244,7 +248,8 @@ def register_run_model(
     version_tags = {k: v for k, v in tags.items() if k.startswith("skewless.") and k != "skewless.dataset_path"}
     name = cfg.registry.model_name
     ref = registry.register(tags["skewless.model_uri"], name, tags=version_tags)
-    registry.set_alias(name, registry.CANDIDATE, ref.version)
+    if move_candidate:
+        registry.set_alias(name, registry.CANDIDATE, ref.version)
     promoted, decision = _maybe_promote(cfg, ref, metrics, holdout, primary_metric(tags["skewless.task"]), progress)
     client.set_tag(run_id, "skewless.promotion", decision)
     progress(f"registered models:/{name}/{ref.version} ({decision})")
@@ -266,19 +271,42 @@ def _maybe_promote(
     if champion is None:
         decision = f"champion: first version ({metric.name}={new:.4f})"
     else:
+        basis = "on this holdout"
         try:
             _, incumbent_model = registry.load(champion.uri)
             old = evaluate(incumbent_model, holdout)[metric.name]
+        except FingerprintMismatchError as exc:
+            # Evaluating it here would run its fitted state through other preprocessing code:
+            # compare with the metric recorded when it was trained instead, and say so.
+            recorded = _recorded_metric(champion, metric.name)
+            if recorded is None:
+                return (
+                    False,
+                    f"kept champion v{champion.version}: it cannot be evaluated here ({exc}) nor has a recorded {metric.name}",
+                )
+            old, basis = (
+                recorded,
+                f"against its recorded {metric.name} (its preprocessing code {exc.expected[:12]} differs from {exc.actual[:12]})",
+            )
         except SkewlessError as exc:
             progress(f"cannot evaluate champion v{champion.version} on this holdout ({exc}); keeping it")
-            return False, f"kept champion v{champion.version}: it could not be evaluated"
+            return False, f"kept champion v{champion.version}: it could not be evaluated ({exc})"
         if not metric.better(new, old):
-            return False, f"kept champion v{champion.version} ({metric.name} {old:.4f} vs {new:.4f})"
-        decision = f"champion: beats v{champion.version} ({metric.name} {new:.4f} vs {old:.4f})"
+            return False, f"kept champion v{champion.version} ({metric.name} {old:.4f} vs {new:.4f}, {basis})"
+        decision = f"champion: beats v{champion.version} ({metric.name} {new:.4f} vs {old:.4f}, {basis})"
     if not cfg.registry.promote:
         return False, decision.replace("champion:", "would be champion (promote: false):")
     registry.set_alias(name, registry.CHAMPION, ref.version)
     return True, decision
+
+
+def _recorded_metric(ref: Any, name: str) -> float | None:
+    import mlflow
+
+    if not ref.run_id:
+        return None
+    value = mlflow.MlflowClient().get_run(ref.run_id).data.metrics.get(name)
+    return None if value is None else float(value)
 
 
 def _requirements() -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.cluster import check_placeable, connect
+from runtime.cluster import check_placeable, connect, cpus_for
 from runtime.data import generate_text, load_text_tokens
 from runtime.errors import DatasetNotFoundError, SkewlessError, TrainingError
 from runtime.training._lm import LMDataConfig, LMJobConfig, split_tokens
@@ -103,7 +103,7 @@ def run_lm(cfg: LMJobConfig, progress: Progress = lambda msg: logger.info(msg)) 
     corpus = prepare_corpus(cfg.data, progress)
     tokens = load_text_tokens(corpus)
     split_tokens(tokens, cfg.data.valid_fraction, cfg.model.seq_len)  # fail here, not in a worker
-    connect(min_cpus=int(t.num_workers * t.cpus_per_worker) + 1)
+    connect(min_cpus=cpus_for(t.num_workers, t.cpus_per_worker))
     check_placeable(cfg.training, ray.cluster_resources())
     tokens_ref = ray.put(tokens)  # one read-only copy per node, shared by its workers
 

@@ -198,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            resume = load_checkpoint(Path(d), model, optimizer, scheduler)
+            resume = load_checkpoint(Path(d), model, optimizer, scheduler, expected_preprocessor=prep.fingerprint)
         state.epoch, state.step, state.step_in_epoch = resume.epoch, resume.step, resume.step_in_epoch
         state.micro_batch_size = min(resume.micro_batch_size, per_rank)
     state.model = ray.train.torch.prepare_model(model)
@@ -250,8 +250,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     loss = train_step(state, batch, prep, loss_fn, task, target_scale, device, precision)
                     break
                 except torch.cuda.OutOfMemoryError as exc:
-                    if not callbacks.on_oom(state, exc):
-                        raise
+                    before = state.micro_batch_size
+                    if not callbacks.on_oom(state, exc) or state.micro_batch_size >= before:
+                        raise  # unhandled, or "handled" without a smaller micro-batch: no retry loop
             if scheduler is not None:
                 scheduler.step()
             state.step += 1

@@ -44,7 +44,7 @@ def check_reproducible(tags: dict[str, str], data_path: str, data_format: str | 
 
 
 def reproduce(model_uri: str, progress: Progress = print) -> Reproduction:
-    """Re-train from the lineage of ``model_uri``; never moves ``champion``."""
+    """Re-train from the lineage of ``model_uri``; registers a version but moves no alias."""
     from runtime.registry import configure_mlflow
     from runtime.registry._reproduce import model_lineage
 
@@ -56,5 +56,7 @@ def reproduce(model_uri: str, progress: Progress = print) -> Reproduction:
     cfg = TrainJobConfig.model_validate(config)
     check_reproducible(lineage.tags, cfg.data.path, cfg.data.format)
     progress(f"reproducing run {lineage.run_id}: data and preprocessing code match the recorded lineage")
-    outcome = run_training(cfg, progress=progress, extra_tags={"skewless.reproduces": lineage.run_id})
+    outcome = run_training(
+        cfg, progress=progress, extra_tags={"skewless.reproduces": lineage.run_id}, move_candidate=False
+    )
     return Reproduction(lineage.metrics, outcome)

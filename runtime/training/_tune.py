@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from runtime.config import TrainJobConfig, _read_yaml, _resolve_path, load_config
+from runtime.config import TrainJobConfig, load_config, read_yaml, resolve_path
 from runtime.errors import ConfigError, TrainingError
 from runtime.training._driver import Progress, TrainOutcome
 
@@ -62,11 +62,21 @@ def _set(config: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _sample(dist: str, args: Any) -> Any:
-    """A representative value (the first option, or the low end), to validate the space."""
-    if not isinstance(args, list) or not args:
-        raise ConfigError(f"{dist}: expected a non-empty list of values or [low, high], got {args!r}")
-    return int(args[0]) if dist == "randint" else args[0]
+def _probe_values(key: str, dist: str, args: Any) -> list[Any]:
+    """Every value a distribution can reach the edge of, to validate it against the config."""
+    where = f"search_space.{key}.{dist}"
+    if dist in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where} = {args!r}: expected a non-empty list of values")
+        return list(args)
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(v, (int, float)) for v in args)):
+        raise ConfigError(f"{where} = {args!r}: expected [low, high]")
+    low, high = args
+    if not low < high:
+        raise ConfigError(f"{where} = {args!r}: low must be < high")
+    if dist == "loguniform" and low <= 0:
+        raise ConfigError(f"{where} = {args!r}: loguniform needs low > 0")
+    return [int(low), int(high) - 1] if dist == "randint" else [low, high]
 
 
 def resolve_tune_config(path: Path) -> tuple[TuneJobConfig, dict[str, Any]]:
@@ -75,8 +85,8 @@ def resolve_tune_config(path: Path) -> tuple[TuneJobConfig, dict[str, Any]]:
     if isinstance(tune_cfg.base, dict):
         base, base_dir = dict(tune_cfg.base), path.parent
     else:
-        base_path = _resolve_path(tune_cfg.base, path.parent)
-        base, base_dir = _read_yaml(base_path), base_path.parent
+        base_path = resolve_path(tune_cfg.base, path.parent)
+        base, base_dir = read_yaml(base_path), base_path.parent
     train_cfg = load_config(TrainJobConfig, base)
     base = {**base, "features": train_cfg.feature_spec_dict(base_dir)}
     if train_cfg.training.checkpoint_every_steps:
@@ -86,12 +96,13 @@ def resolve_tune_config(path: Path) -> tuple[TuneJobConfig, dict[str, Any]]:
         )
     for key, dist in tune_cfg.search_space.items():
         ((name, args),) = dist.items()
-        probe = copy.deepcopy(base)
-        _set(probe, key, _sample(name, args))
-        try:
-            load_config(TrainJobConfig, probe)
-        except ConfigError as exc:
-            raise ConfigError(f"search_space.{key} does not fit the training config: {exc}") from None
+        for value in _probe_values(key, name, args):
+            probe = copy.deepcopy(base)
+            _set(probe, key, value)
+            try:
+                load_config(TrainJobConfig, probe)
+            except ConfigError as exc:
+                raise ConfigError(f"search_space.{key} = {value!r} does not fit the training config: {exc}") from None
     return tune_cfg, base
 
 
@@ -140,7 +151,7 @@ def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
     from ray.tune.schedulers import ASHAScheduler
 
     from runtime import registry
-    from runtime.cluster import connect
+    from runtime.cluster import connect, cpus_for
     from runtime.data import read_table
     from runtime.training._driver import register_run_model, split_holdout
     from runtime.training._evaluate import primary_metric
@@ -149,8 +160,11 @@ def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
     train_cfg = TrainJobConfig.model_validate(base)
     registry.configure_mlflow()
     experiment_id = registry.ensure_experiment(train_cfg.registry.experiment or train_cfg.registry.model_name)
-    workers = train_cfg.training.num_workers * train_cfg.training.cpus_per_worker
-    connect(min_cpus=int(workers * tune_cfg.max_concurrent_trials) + 4)
+    connect(
+        min_cpus=cpus_for(
+            train_cfg.training.num_workers, train_cfg.training.cpus_per_worker, groups=tune_cfg.max_concurrent_trials
+        )
+    )
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{path.stem}") as parent:
         mlflow.log_dict(tune_cfg.model_dump(mode="json"), "tune/config.json")
         progress(

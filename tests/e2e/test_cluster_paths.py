@@ -171,7 +171,7 @@ def test_skewless_train_submit_lineage_and_reproduce(cluster: Cluster) -> None:
 
     reproduced = _run([sk, "reproduce", "models:/churn@candidate"], env, 600)
     assert reproduced.returncode == 0, reproduced.stdout[-3000:] + reproduced.stderr[-2000:]
-    assert "holdout_accuracy" in reproduced.stdout and "champion unchanged" in reproduced.stdout
+    assert "holdout_accuracy" in reproduced.stdout and "aliases unchanged" in reproduced.stdout
 
     # Changed data: refused before any training, naming the path and both fingerprints.
     assert _run([sk, "data", "generate", str(data), "--rows", "3000", "--seed", "99"], env).returncode == 0

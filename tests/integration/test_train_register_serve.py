@@ -154,12 +154,15 @@ BAD_INPUTS = [
     (json.dumps({"instances": []}).encode(), 422, "instances"),
     (json.dumps({"instances": [1, 2]}).encode(), 422, "instances"),
     (json.dumps({"instances": [{"age": 30}]}).encode(), 422, None),  # missing columns
+    (b"[" * 100_000 + b"]" * 100_000, 400, None),  # nesting deep enough to blow the parser's stack
 ]
 
 
 def test_serve_bad_input_is_4xx_naming_field_value_rule(trained: TrainOutcome, dataset: Path, serve_clean: int) -> None:
-    endpoint = _serve("churn", {"model_uri": f"models:/{NAME}@champion"}, serve_clean)
+    endpoint = _serve("churn", {"model_uri": f"models:/{NAME}@champion", "max_body_bytes": 300_000}, serve_clean)
     good = pq.read_table(dataset).slice(0, 1).drop_columns(["churned"]).to_pylist()[0]
+    too_big = httpx.post(f"{endpoint}/predict", json={"instances": [good] * 5000})
+    assert too_big.status_code == 413 and too_big.json()["error"]["rule"].startswith("request body at most")
     for body, status, field in BAD_INPUTS:
         resp = httpx.post(f"{endpoint}/predict", content=body, headers={"content-type": "application/json"})
         assert resp.status_code == status, (body, resp.text)

@@ -112,3 +112,26 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(batch_and_prep
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
     assert (tmp_path / "preprocessor.json").read_text() == prep.to_json()
+
+
+def test_resume_refuses_a_checkpoint_of_other_preprocessing(batch_and_prep, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from runtime.errors import TrainingError
+
+    _, prep = batch_and_prep
+    model = _model(prep)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(
+        tmp_path,
+        model,
+        opt,
+        None,
+        epoch=1,
+        step=3,
+        step_in_epoch=0,
+        micro_batch_size=8,
+        preprocessor_json=prep.to_json(),
+        preprocessor_fingerprint=prep.fingerprint,
+    )
+    with pytest.raises(TrainingError, match="use a new training.run_name"):
+        load_checkpoint(tmp_path, _model(prep), opt, None, expected_preprocessor="f" * 64)
+    assert load_checkpoint(tmp_path, _model(prep), opt, None, expected_preprocessor=prep.fingerprint).step == 3
