@@ -23,6 +23,7 @@ __all__ = [
     "OptimizerConfig",
     "RegistryConfig",
     "ServeAppArgs",
+    "StrictModel",
     "TrainJobConfig",
     "TrainingConfig",
     "expand_path",
@@ -35,11 +36,13 @@ __all__ = [
 M = TypeVar("M", bound=BaseModel)
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every user-written config: unknown keys are errors, values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     path: str = Field(
         description="Parquet/CSV file or directory; a local path or any pyarrow.fs URI. "
         "`~` and environment variables are expanded; ${SKEWLESS_HOME} defaults to ~/.skewless."
@@ -57,20 +60,20 @@ class DataConfig(_Strict):
         return value if "://" in value else expand_path(value)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default=[64, 32], description="Hidden layer widths of the MLP.")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
     activation: Literal["relu", "gelu", "tanh"] = Field(default="relu")
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     name: Literal["adamw", "adam", "sgd"] = Field(default="adamw")
     lr: float = Field(default=1e-3, gt=0.0, description="Learning rate.")
     weight_decay: float = Field(default=0.0, ge=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD only.")
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=256, ge=1, description="Global batch size across all workers.")
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
@@ -114,7 +117,7 @@ class TrainingConfig(_Strict):
         return self
 
 
-class RegistryConfig(_Strict):
+class RegistryConfig(StrictModel):
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registered model name in MLflow.")
     experiment: str | None = Field(default=None, description="MLflow experiment; default: model_name.")
     promote: bool = Field(
@@ -123,7 +126,7 @@ class RegistryConfig(_Strict):
     )
 
 
-class TrainJobConfig(_Strict):
+class TrainJobConfig(StrictModel):
     """What ``python -m jobs.train --config <file>`` reads."""
 
     data: DataConfig
@@ -142,7 +145,7 @@ class TrainJobConfig(_Strict):
         return read_yaml(path)
 
 
-class ServeAppArgs(_Strict):
+class ServeAppArgs(StrictModel):
     """The ``args`` of the predictor Serve application."""
 
     model_uri: str = Field(

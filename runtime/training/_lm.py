@@ -29,20 +29,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from runtime.config import expand_path
+from runtime.config import StrictModel, expand_path
 
 CKPT_MODEL, CKPT_CONFIG = "model.safetensors", "model.json"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LMDataConfig(_Strict):
+class LMDataConfig(StrictModel):
     path: str = Field(
         description="UTF-8 text file (local path). `~` and environment variables are expanded; "
         "${SKEWLESS_HOME} defaults to ~/.skewless."
@@ -62,7 +58,7 @@ class LMDataConfig(_Strict):
         return expand_path(value)
 
 
-class LMModelConfig(_Strict):
+class LMModelConfig(StrictModel):
     d_model: int = Field(default=128, gt=0, description="Width of the residual stream.")
     n_heads: int = Field(default=4, gt=0, description="Attention heads; must divide d_model.")
     n_layers: int = Field(default=2, gt=0, description="Transformer blocks.")
@@ -83,7 +79,7 @@ class LMModelConfig(_Strict):
         return {"architecture": "char_lm", "vocab_size": 256, **self.model_dump()}
 
 
-class LMTrainingConfig(_Strict):
+class LMTrainingConfig(StrictModel):
     steps: int = Field(default=200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(default=32, ge=1, description="Sequences per worker per step.")
     lr: float = Field(default=3e-4, gt=0.0, description="Peak learning rate (after warmup).")
@@ -109,7 +105,7 @@ class LMTrainingConfig(_Strict):
         return self
 
 
-class LMJobConfig(_Strict):
+class LMJobConfig(StrictModel):
     """What ``python -m jobs.lm --config <file>`` reads."""
 
     data: LMDataConfig

@@ -14,25 +14,23 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from runtime.config import TrainJobConfig, load_config, read_yaml, resolve_path
+from runtime.config import StrictModel, TrainJobConfig, load_config, read_yaml, resolve_path
 from runtime.errors import ConfigError, TrainingError
 from runtime.training._driver import Progress, TrainOutcome
 
 Distribution = Literal["choice", "grid", "uniform", "loguniform", "randint"]
 
 
-class SchedulerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SchedulerConfig(StrictModel):
     grace_period: int = Field(default=1, ge=1, description="Epochs before ASHA may stop a trial.")
     reduction_factor: float = Field(default=2.0, gt=1.0)
 
 
-class TuneJobConfig(BaseModel):
+class TuneJobConfig(StrictModel):
     """What ``python -m jobs.tune --config <file>`` reads."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     base: str | dict[str, Any] = Field(description="The training job config (path relative to this file) or inline.")
     search_space: dict[str, dict[Distribution, Any]] = Field(
         description="Dotted config keys to distributions, e.g. optimizer.lr: {loguniform: [1e-4, 1e-2]}."
