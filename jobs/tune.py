@@ -6,28 +6,21 @@ with full lineage; the best trial is registered as ``candidate``.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
+from jobs._entry import run_job
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.tune", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--config", required=True, help="tune job YAML (see jobs/configs/churn_tune.yaml)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[skewless] %(message)s")
 
-    from runtime.errors import SkewlessError
+def _tune(config: Path) -> str:
     from runtime.training._tune import run_tune
 
-    try:
-        outcome = run_tune(Path(args.config), progress=print)
-    except SkewlessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"best trial run {outcome.run_id}: models:/{outcome.model_name}/{outcome.version} — {outcome.decision}")
-    return 0
+    outcome = run_tune(config, progress=print)
+    return f"best trial run {outcome.run_id}: models:/{outcome.model_name}/{outcome.version} — {outcome.decision}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("python -m jobs.tune", __doc__, "tune job YAML (see jobs/configs/churn_tune.yaml)", _tune, argv)
 
 
 if __name__ == "__main__":

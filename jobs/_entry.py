@@ -1,0 +1,27 @@
+"""The shell every ``python -m jobs.<name> --config <file>`` entrypoint shares."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def run_job(prog: str, doc: str | None, config_help: str, job: Callable[[Path], str], argv: list[str] | None) -> int:
+    """Parse ``--config``, run ``job`` (which returns a one-line summary), map user errors to exit 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").splitlines()[0])
+    parser.add_argument("--config", required=True, help=config_help)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[skewless] %(message)s")
+
+    from runtime.errors import SkewlessError
+
+    try:
+        summary = job(Path(args.config))
+    except SkewlessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
