@@ -51,7 +51,16 @@ class DataConfig(StrictModel):
         default=None, description="File format; guessed from the file suffix when omitted."
     )
     holdout_fraction: float = Field(
-        default=0.2, gt=0.0, lt=1.0, description="Fraction of rows held out for evaluation."
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of rows held out for evaluation; a row's side is a hash of its content and the seed.",
+    )
+    fit_sample_rows: int = Field(
+        default=1_000_000,
+        ge=1000,
+        description="The preprocessing is fit on at most this many training rows (a uniform sample; "
+        "all of them when the training split is smaller). Bounds the driver's memory.",
     )
 
     @field_validator("path")

@@ -98,7 +98,7 @@ def run_demo(
     progress(f"      healthy: serving version {served} ({outcome.decision})")
 
     label = cfg.feature_spec_dict()["label"]["name"]
-    sample = outcome.holdout.slice(0, 256).drop_columns([label])
+    sample = outcome.holdout_sample.slice(0, 256).drop_columns([label])
     progress(f"[4/5] querying: {sample.num_rows} raw holdout rows over HTTP and offline via MLflow pyfunc")
     parity = check_parity(endpoint, model_uri, sample)
     progress(f"[5/5] parity {parity}")

@@ -5,6 +5,7 @@ is not a version).
 """
 
 from runtime.data._io import dataset_fingerprint, list_data_files, read_table, table_fingerprint
+from runtime.data._split import split_side, split_unit
 from runtime.data._synthetic import SyntheticConfig, generate_synthetic, synthetic_feature_spec
 from runtime.data._text import generate_text, load_text_tokens
 
@@ -16,6 +17,8 @@ __all__ = [
     "list_data_files",
     "load_text_tokens",
     "read_table",
+    "split_side",
+    "split_unit",
     "synthetic_feature_spec",
     "table_fingerprint",
 ]

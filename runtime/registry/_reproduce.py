@@ -30,7 +30,10 @@ class Lineage:
                 + (f" (@{', @'.join(self.aliases)})" if self.aliases else ""),
             ),
             ("run", self.run_id),
-            ("dataset", f"{t.get('skewless.dataset_path', '?')} ({t.get('skewless.dataset_rows', '?')} rows)"),
+            (
+                "dataset",
+                f"{t.get('skewless.dataset_path', '?')} ({t.get('skewless.train_rows', '?')} training rows, {t.get('skewless.holdout_rows', '?')} holdout)",
+            ),
             ("dataset sha256", t.get("skewless.dataset_sha256", "?")),
             ("preprocessing", t.get("skewless.preprocessing_fingerprint", "?")),
             ("preprocessing code", t.get("skewless.preprocessing_code_fingerprint", "?")),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,18 @@ import yaml
 
 from runtime.cluster import check_placeable, connect, cpus_for
 from runtime.config import TrainJobConfig
-from runtime.data import dataset_fingerprint, read_table
+from runtime.data import dataset_fingerprint
 from runtime.errors import ConfigError, FingerprintMismatchError, SkewlessError, TrainingError
 from runtime.models import output_dim_for
 from runtime.preprocessing import FeatureSpec, FittedPreprocessor, fit
 from runtime.training._events import Callback
+from runtime.training._ingest import (
+    HOLDOUT_SAMPLE_ROWS,
+    fit_pass,
+    holdout_batches,
+    ingest_options,
+    open_split,
+)
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -39,19 +46,43 @@ class TrainOutcome:
     promoted: bool
     decision: str
     model_dir: Path
-    holdout: pa.Table = field(repr=False)
+    # The first holdout rows (all of them up to HOLDOUT_SAMPLE_ROWS), for parity checks.
+    holdout_sample: pa.Table = field(repr=False)
 
 
-def split_holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
-    """A seeded random split: (train, holdout). Deterministic for a table and seed."""
-    n = table.num_rows
-    n_holdout = max(1, round(n * fraction))
-    if n - n_holdout < 1:
-        raise ConfigError(
-            f"data.holdout_fraction ({fraction}) leaves no training rows out of {n}; lower it or add data"
-        )
-    perm = np.random.default_rng(seed).permutation(n)
-    return table.take(np.sort(perm[n_holdout:])), table.take(np.sort(perm[:n_holdout]))
+class HoldoutStream:
+    """The holdout split, iterable any number of times (each pass streams it from the files).
+
+    Counts its rows and keeps its first ``HOLDOUT_SAMPLE_ROWS`` rows on the first pass.
+    """
+
+    def __init__(self, dataset: Callable[[], Any], uri: str) -> None:
+        self.dataset, self.uri = dataset, uri
+        self.rows = 0
+        self._head: list[pa.Table] = []
+        self._passes = 0
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        first = self._passes == 0
+        self._passes += 1
+        for batch in holdout_batches(self.dataset(), self.uri):
+            if first:
+                kept = sum(t.num_rows for t in self._head)
+                if kept < HOLDOUT_SAMPLE_ROWS:
+                    self._head.append(batch.slice(0, HOLDOUT_SAMPLE_ROWS - kept))
+                self.rows += batch.num_rows
+            yield batch
+        if first and self.rows == 0:
+            raise ConfigError(
+                f"data.holdout_fraction: no holdout rows in {self.uri!r}; raise holdout_fraction or add data"
+            )
+
+    @property
+    def sample(self) -> pa.Table:
+        head = self._head or list(holdout_batches(self.dataset().limit(HOLDOUT_SAMPLE_ROWS), self.uri))
+        if not head:
+            raise ConfigError(f"data.holdout_fraction: no holdout rows in {self.uri!r}; raise it or add data")
+        return pa.concat_tables(head)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
@@ -83,8 +114,7 @@ def run_training(
     """
     import mlflow
     import ray
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from runtime import registry
@@ -101,19 +131,29 @@ def run_training(
         )
     # The resolved config is self-contained (the spec inline), so `reproduce` needs no files.
     resolved = {**cfg.model_dump(mode="json"), "features": spec_dict}
-    progress(f"reading {cfg.data.path}")
-    table = read_table(cfg.data.path, cfg.data.format)
+    progress(f"streaming {cfg.data.path} through Ray Data")
     data_fp = dataset_fingerprint(cfg.data.path, cfg.data.format)
-    train_table, holdout = split_holdout(table, cfg.data.holdout_fraction, cfg.training.seed)
-    progress(
-        f"{table.num_rows} rows (dataset sha256 {data_fp[:12]}); fitting preprocessing on "
-        f"{train_table.num_rows} training rows"
+    tracking = registry.configure_mlflow()
+    connect(min_cpus=cpus_for(cfg.training.num_workers, cfg.training.cpus_per_worker))
+    check_placeable(cfg.training, ray.cluster_resources())
+    split_columns = [f.name for f in spec.features] + [spec.label.name]
+
+    def datasets() -> tuple[Any, Any]:
+        return open_split(cfg.data.path, cfg.data.format, split_columns, cfg.data.holdout_fraction, cfg.training.seed)
+
+    fitted = fit_pass(
+        datasets()[0], split_columns, cfg.training.seed, cfg.data.fit_sample_rows, cfg.data.path, progress
     )
-    prep: FittedPreprocessor = fit(spec, train_table)
+    exact = fitted.sample.num_rows == fitted.train_rows
+    progress(
+        f"{fitted.train_rows:,} training rows (dataset sha256 {data_fp[:12]}); preprocessing fit on "
+        + ("all of them" if exact else f"a uniform sample of {fitted.sample.num_rows:,}")
+    )
+    prep: FittedPreprocessor = fit(spec, fitted.sample)
     task = spec.label.task
     target_scale = (0.0, 1.0)
     if task == "regression":
-        y = prep.transform_label(train_table).astype(np.float64)
+        y = prep.transform_label(fitted.sample).astype(np.float64)
         target_scale = (float(y.mean()), float(y.std() or 1.0))
     model_config: dict[str, Any] = {
         "architecture": "mlp",
@@ -128,13 +168,10 @@ def run_training(
         "feature_names": prep.feature_names,
     }
 
-    tracking = registry.configure_mlflow()
     name = cfg.registry.model_name
     experiment_id = registry.ensure_experiment(cfg.registry.experiment or name)
     git = registry.git_info()
     env_text, env_hash = registry.environment_lock()
-    connect(min_cpus=cpus_for(cfg.training.num_workers, cfg.training.cpus_per_worker))
-    check_placeable(cfg.training, ray.cluster_resources())
 
     with mlflow.start_run(experiment_id=experiment_id) as run:
         run_id = run.info.run_id
@@ -142,7 +179,8 @@ def run_training(
         lineage = {
             "skewless.dataset_path": cfg.data.path,
             "skewless.dataset_sha256": data_fp,
-            "skewless.dataset_rows": str(table.num_rows),
+            "skewless.train_rows": str(fitted.train_rows),
+            "skewless.preprocessing_fit_rows": str(fitted.sample.num_rows),
             "skewless.preprocessing_fingerprint": prep.fingerprint,
             "skewless.preprocessing_code_fingerprint": prep.code_fingerprint,
             "skewless.environment_sha256": env_hash,
@@ -168,7 +206,7 @@ def run_training(
                 "model": model_config,
                 "preprocessor": prep.to_json(),
                 "target_scale": target_scale,
-                "train_rows": train_table.num_rows,
+                "train_rows": fitted.train_rows,
                 "micro_batch_size": cfg.training.micro_batch_size,
                 "precision": cfg.training.precision,
                 "lr_schedule": cfg.training.lr_schedule,
@@ -189,7 +227,8 @@ def run_training(
                 failure_config=FailureConfig(max_failures=cfg.training.max_failures),
                 callbacks=run_callbacks,
             ),
-            datasets={"train": ray.data.from_arrow(train_table), "valid": ray.data.from_arrow(holdout)},
+            datasets=dict(zip(("train", "valid"), datasets(), strict=True)),
+            dataset_config=DataConfig(execution_options=ingest_options()),
         )
         try:
             result = trainer.fit()
@@ -212,17 +251,19 @@ def run_training(
         model_dir = registry.skewless_home() / "runs" / run_id / "model"
         registry.write_model_dir(model_dir, state, model_config, prep)
         candidate = registry.load_model_dir(model_dir)
+        holdout = HoldoutStream(lambda: datasets()[1], cfg.data.path)
         metrics = evaluate(candidate, holdout)
         mlflow.log_metrics(metrics)
+        mlflow.set_tag("skewless.holdout_rows", str(holdout.rows))
         progress("holdout: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
         model_uri = registry.log_pyfunc_model(
-            model_dir, prep.records_to_table(train_table.slice(0, 3).to_pylist()), pip_requirements=_requirements()
+            model_dir, prep.records_to_table(fitted.sample.slice(0, 3).to_pylist()), pip_requirements=_requirements()
         )
         manifest_sha = registry.sha256_file(model_dir / registry.MANIFEST)
         mlflow.set_tags({"skewless.model_uri": model_uri, registry.MANIFEST_TAG: manifest_sha})
         if not register:
-            return TrainOutcome(run_id, name, "", metrics, False, "not registered", model_dir, holdout)
+            return TrainOutcome(run_id, name, "", metrics, False, "not registered", model_dir, holdout.sample)
         outcome = register_run_model(run_id, cfg, metrics, holdout, progress, model_dir, move_candidate)
     return outcome
 
@@ -231,7 +272,7 @@ def register_run_model(
     run_id: str,
     cfg: TrainJobConfig,
     metrics: dict[str, float],
-    holdout: pa.Table,
+    holdout: HoldoutStream,
     progress: Progress,
     model_dir: Path | None = None,
     move_candidate: bool = True,
@@ -255,11 +296,16 @@ def register_run_model(
     progress(f"registered models:/{name}/{ref.version} ({decision})")
     if model_dir is None:
         _, model_dir = registry.download(ref.uri)
-    return TrainOutcome(run_id, name, ref.version, metrics, promoted, decision, model_dir, holdout)
+    return TrainOutcome(run_id, name, ref.version, metrics, promoted, decision, model_dir, holdout.sample)
 
 
 def _maybe_promote(
-    cfg: TrainJobConfig, ref: Any, metrics: dict[str, float], holdout: pa.Table, metric: Any, progress: Progress
+    cfg: TrainJobConfig,
+    ref: Any,
+    metrics: dict[str, float],
+    holdout: Iterable[pa.Table],
+    metric: Any,
+    progress: Progress,
 ) -> tuple[bool, str]:
     """Move ``champion`` to the new version when it beats the current one on this holdout."""
     from runtime import registry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,22 +43,59 @@ def _auc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float((ranks[positives.astype(bool)].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def evaluate(model: LoadedModel, table: pa.Table) -> dict[str, float]:
-    """Score raw holdout rows (features + label) with ``model``; keys are ``holdout_*``."""
-    prep = model.preprocessor
-    preds = model.predict_table(table)
-    if model.task == "regression":
-        y = prep.transform_label(table).astype(np.float64)
-        err = np.asarray(preds.values, dtype=np.float64) - y
-        return {"holdout_rmse": float(np.sqrt(np.mean(err**2))), "holdout_mae": float(np.mean(np.abs(err)))}
-    assert preds.probabilities is not None
-    idx = prep.transform_label(table).astype(np.int64)
-    probs = preds.probabilities.astype(np.float64)
-    picked = np.clip(probs[np.arange(len(idx)), idx], 1e-12, 1.0)
-    metrics = {
-        "holdout_accuracy": float(np.mean(probs.argmax(axis=1) == idx)),
-        "holdout_log_loss": float(-np.mean(np.log(picked))),
-    }
-    if model.task == "binary":
-        metrics["holdout_auc"] = _auc(probs[:, 1], idx)
-    return metrics
+class HoldoutMetrics:
+    """Holdout metrics accumulated batch by batch, so the holdout is never held whole.
+
+    Sums are kept in float64; binary AUC keeps one float32 score and one label byte per
+    row (the rank statistic needs them all).
+    """
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self.rows = 0
+        self._sum_sq = self._sum_abs = self._correct = self._log_loss = 0.0
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def add(self, model: LoadedModel, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        prep = model.preprocessor
+        preds = model.predict_table(table)
+        self.rows += table.num_rows
+        if self.task == "regression":
+            err = np.asarray(preds.values, dtype=np.float64) - prep.transform_label(table).astype(np.float64)
+            self._sum_sq += float(np.sum(err**2))
+            self._sum_abs += float(np.sum(np.abs(err)))
+            return
+        assert preds.probabilities is not None
+        idx = prep.transform_label(table).astype(np.int64)
+        probs = preds.probabilities.astype(np.float64)
+        picked = np.clip(probs[np.arange(len(idx)), idx], 1e-12, 1.0)
+        self._correct += float(np.sum(probs.argmax(axis=1) == idx))
+        self._log_loss -= float(np.sum(np.log(picked)))
+        if self.task == "binary":
+            self._scores.append(probs[:, 1].astype(np.float32))
+            self._labels.append(idx.astype(np.int8))
+
+    def result(self) -> dict[str, float]:
+        n = max(self.rows, 1)
+        if self.task == "regression":
+            return {"holdout_rmse": float(np.sqrt(self._sum_sq / n)), "holdout_mae": self._sum_abs / n}
+        metrics = {"holdout_accuracy": self._correct / n, "holdout_log_loss": self._log_loss / n}
+        if self.task == "binary":
+            scores = np.concatenate(self._scores) if self._scores else np.zeros(0, np.float32)
+            labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.int8)
+            metrics["holdout_auc"] = _auc(scores, labels)
+        return metrics
+
+
+def evaluate(model: LoadedModel, data: pa.Table | Iterable[pa.Table]) -> dict[str, float]:
+    """Score raw holdout rows (features + label) with ``model``; keys are ``holdout_*``.
+
+    ``data`` is a table or an iterable of tables (batches streamed from Ray Data).
+    """
+    acc = HoldoutMetrics(model.task)
+    for batch in [data] if isinstance(data, pa.Table) else data:
+        acc.add(model, batch)
+    return acc.result()

@@ -150,9 +150,9 @@ def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
 
     from runtime import registry
     from runtime.cluster import connect, cpus_for
-    from runtime.data import read_table
-    from runtime.training._driver import register_run_model, split_holdout
+    from runtime.training._driver import HoldoutStream, register_run_model
     from runtime.training._evaluate import primary_metric
+    from runtime.training._ingest import open_split
 
     tune_cfg, base = resolve_tune_config(path)
     train_cfg = TrainJobConfig.model_validate(base)
@@ -220,8 +220,13 @@ def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
             f"{metric.name}={best.data.metrics[metric.name]:.4f}"
         )
         best_cfg = load_config(TrainJobConfig, _read_yaml_text(best.info.run_id))
-        table = read_table(best_cfg.data.path, best_cfg.data.format)
-        _, holdout = split_holdout(table, best_cfg.data.holdout_fraction, best_cfg.training.seed)
+        spec = best_cfg.feature_spec_dict()
+        columns = [f["name"] for f in spec["features"]] + [spec["label"]["name"]]
+        data = best_cfg.data
+        holdout = HoldoutStream(
+            lambda: open_split(data.path, data.format, columns, data.holdout_fraction, best_cfg.training.seed)[1],
+            data.path,
+        )
         holdout_metrics = {k: v for k, v in best.data.metrics.items() if k.startswith("holdout_")}
         return register_run_model(best.info.run_id, best_cfg, holdout_metrics, holdout, progress)
 

@@ -45,9 +45,37 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(generate_synthetic(path, SyntheticConfig(rows=4000, seed=5)))
 
 
+def _no_materializing(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the training driver must stream the dataset, not materialize it")
+
+
 @pytest.fixture(scope="module")
 def trained(ray_session: Any, dataset: Path) -> TrainOutcome:
-    return run_training(_config(dataset), progress=lambda m: None)
+    import ray.data
+
+    cfg = _config(dataset)
+    # the fit sees a bounded sample of the ~3200 training rows
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"fit_sample_rows": 1000})})
+    with pytest.MonkeyPatch.context() as mp:  # the driver process only: Ray Data reads in tasks
+        for target, name in [(pq, "read_table"), (ray.data.Dataset, "materialize"), (ray.data.Dataset, "take_all")]:
+            mp.setattr(target, name, _no_materializing)
+        mp.setattr("runtime.data._io.read_table", _no_materializing)
+        return run_training(cfg, progress=lambda m: None)
+
+
+def test_driver_streams_splits_by_content_and_fits_on_a_bounded_sample(trained: TrainOutcome, dataset: Path) -> None:
+    from runtime.data import split_unit
+
+    tags = mlflow.MlflowClient().get_run(trained.run_id).data.tags
+    table = pq.read_table(dataset)
+    spec = synthetic_feature_spec("binary")
+    columns = [f["name"] for f in spec["features"]] + [spec["label"]["name"]]
+    in_holdout = split_unit(table, columns, seed=1) < 0.2
+    assert int(tags["skewless.holdout_rows"]) == int(in_holdout.sum())
+    assert int(tags["skewless.train_rows"]) == table.num_rows - int(in_holdout.sum())
+    assert tags["skewless.preprocessing_fit_rows"] == "1000"
+    # the holdout sample is exactly the holdout rows, in file order
+    assert trained.holdout_sample.equals(table.filter(in_holdout))
 
 
 def test_run_records_lineage_and_registers_champion(trained: TrainOutcome, dataset: Path) -> None:
@@ -221,9 +249,10 @@ def test_other_tasks_train_register_and_predict(ray_session: Any, tmp_path: Path
     )
     outcome = run_training(cfg, progress=lambda m: None)
     label = spec["label"]["name"]
-    raw = outcome.holdout.drop_columns([label])
+    assert outcome.holdout_sample.num_rows < 4096  # so the sample is the whole holdout
+    raw = outcome.holdout_sample.drop_columns([label])
     out = mlflow.pyfunc.load_model(f"models:/itest-{task}@champion").predict(raw.to_pandas())
-    truth = outcome.holdout[label].to_numpy()
+    truth = outcome.holdout_sample[label].to_numpy()
     if task == "multiclass":
         assert set(out["prediction"]) <= {0, 1, 2}
         assert outcome.metrics["holdout_accuracy"] > 0.45  # 3 classes: chance is ~0.33

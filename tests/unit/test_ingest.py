@@ -1,0 +1,105 @@
+"""The streaming split and the bounded fit sample, without Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runtime.data import SyntheticConfig, generate_synthetic, split_unit
+from runtime.errors import DataError
+from runtime.training._ingest import BottomK
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
+    path = generate_synthetic(tmp_path_factory.mktemp("ingest") / "d.parquet", SyntheticConfig(rows=20_000, seed=4))
+    return pq.read_table(path)
+
+
+def test_split_is_a_function_of_row_content_not_position(table: pa.Table) -> None:
+    cols = table.column_names
+    u = split_unit(table, cols, seed=0)
+    assert u.dtype == np.float64 and ((u >= 0) & (u < 1)).all()
+    # the same whatever the chunking, and the same for a row wherever it sits
+    chunked = np.concatenate([split_unit(table.slice(i, 777), cols, 0) for i in range(0, table.num_rows, 777)])
+    assert np.array_equal(u, chunked)
+    perm = np.random.default_rng(0).permutation(table.num_rows)
+    assert np.array_equal(split_unit(table.take(perm), cols, 0), u[perm])
+    # extra columns and their order do not matter; the chosen columns do
+    assert np.array_equal(split_unit(table.select(cols[::-1]), cols, 0), u)
+    assert not np.array_equal(split_unit(table, cols[:-1], 0), u)
+
+
+def test_split_fraction_and_seed(table: pa.Table) -> None:
+    cols = table.column_names
+    u0, u1 = split_unit(table, cols, 0), split_unit(table, cols, 1)
+    for u in (u0, u1):
+        assert abs(float(np.mean(u < 0.2)) - 0.2) < 0.015  # 20k rows: 3.5 sigma
+    assert float(np.mean((u0 < 0.2) == (u1 < 0.2))) < 0.75  # another seed, another split
+
+
+def test_duplicate_rows_land_on_the_same_side(table: pa.Table) -> None:
+    doubled = pa.concat_tables([table.slice(0, 500), table.slice(0, 500)])
+    u = split_unit(doubled, table.column_names, 0)
+    assert np.array_equal(u[:500], u[500:])
+
+
+def test_split_names_a_missing_column(table: pa.Table) -> None:
+    with pytest.raises(DataError, match="no column"):
+        split_unit(table, ["tenure_months", "nope"], 0)
+
+
+def test_bottom_k_is_the_k_smallest_in_key_order_whatever_the_arrival_order(table: pa.Table) -> None:
+    keys = split_unit(table, table.column_names, 7)
+    expect = table.take(np.argsort(keys)[:1500])
+    for order in (np.arange(table.num_rows), np.random.default_rng(1).permutation(table.num_rows)):
+        sampler = BottomK(1500)
+        for i in range(0, table.num_rows, 1000):
+            idx = order[i : i + 1000]
+            sampler.add(table.take(idx), keys[idx])
+            assert sampler._held <= 2 * 1500 + 1000  # bounded: the sample plus one batch
+        assert sampler.result().equals(expect)
+    small = BottomK(50_000)
+    small.add(table, keys)
+    assert small.result().num_rows == table.num_rows  # under k: the whole input
+
+
+def test_bottom_k_of_nothing_is_an_error() -> None:
+    with pytest.raises(DataError, match="empty"):
+        BottomK(10).result()
+
+
+def test_streamed_evaluation_equals_whole_table(tmp_path: Path, table: pa.Table) -> None:
+    import torch
+
+    from runtime.data import synthetic_feature_spec
+    from runtime.models import build_model, output_dim_for
+    from runtime.preprocessing import FeatureSpec, fit
+    from runtime.registry import load_model_dir, write_model_dir
+    from runtime.training import evaluate
+
+    spec = FeatureSpec.model_validate(synthetic_feature_spec("binary"))
+    prep = fit(spec, table)
+    config = {
+        "architecture": "mlp",
+        "input_dim": prep.output_dim,
+        "output_dim": output_dim_for("binary", 2),
+        "hidden": [8],
+        "task": "binary",
+        "classes": prep.classes,
+        "target_scale": [0.0, 1.0],
+        "feature_names": prep.feature_names,
+    }
+    torch.manual_seed(0)
+    state = build_model(config).state_dict()
+    write_model_dir(tmp_path / "m", state, config, prep)
+    model = load_model_dir(tmp_path / "m")
+    whole = evaluate(model, table)
+    streamed = evaluate(model, (table.slice(i, 3000) for i in range(0, table.num_rows, 3000)))
+    assert whole.keys() == streamed.keys() == {"holdout_accuracy", "holdout_log_loss", "holdout_auc"}
+    for k in whole:
+        assert streamed[k] == pytest.approx(whole[k], rel=1e-9)
