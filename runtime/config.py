@@ -135,6 +135,35 @@ class RegistryConfig(StrictModel):
     )
 
 
+class WatchdogConfig(StrictModel):
+    enabled: bool = Field(default=True, description="One host-memory watchdog per node, outside the workers.")
+    soft_fraction: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="Above this fraction of the limit, workers dump stacks and allocations.",
+    )
+    memory_limit_bytes: int | None = Field(
+        default=None,
+        ge=64 << 20,
+        description="Put the training workers in a memory cgroup with this limit (needs a writable cgroup); "
+        "default: watch the limit they already have (their cgroup's, else the node's memory).",
+    )
+    poll_interval_s: float = Field(default=0.5, gt=0.0, le=10.0)
+
+
+class MemoryConfig(StrictModel):
+    track: bool = Field(default=True, description="Per-rank memory timeline, peaks and plot (MLflow, Prometheus).")
+    sample_interval_s: float = Field(default=1.0, gt=0.0, le=60.0, description="Background sampler period.")
+    oom_guard: bool = Field(
+        default=True, description="Survive CUDA OOMs by halving the micro-batch (effective batch unchanged)."
+    )
+    record_history: bool = Field(
+        default=True, description="Record allocator history (python stacks) on GPU for the OOM bundle's snapshot."
+    )
+    watchdog: WatchdogConfig = WatchdogConfig()
+
+
 class TrainJobConfig(StrictModel):
     """What ``python -m jobs.train --config <file>`` reads."""
 
@@ -145,6 +174,7 @@ class TrainJobConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     training: TrainingConfig = TrainingConfig()
+    memory: MemoryConfig = MemoryConfig()
     registry: RegistryConfig
 
     def feature_spec_dict(self, base_dir: Path | None = None) -> dict[str, Any]:
@@ -167,6 +197,28 @@ class ServeAppArgs(StrictModel):
     )
     max_instances: int = Field(default=10_000, ge=1, description="Most instances in one request.")
     max_body_bytes: int = Field(default=10 << 20, ge=1024, description="Largest request body accepted (413 above).")
+    max_batch_size: int = Field(
+        default=32, ge=1, description="Most requests one model call serves (Ray Serve dynamic batching)."
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.002, ge=0.0, le=1.0, description="How long a batch waits to fill before the model runs."
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="Bearer API key required on /predict (off when unset and api_key_env is unset or empty). "
+        "Prefer api_key_env: a key in a config file is a secret in a file.",
+    )
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the bearer API key, e.g. SKEWLESS_API_KEY."
+    )
+    gpu_memory_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="GPU memory one replica needs (declared); checked against its num_gpus share before deploying.",
+    )
+    gpu_headroom_bytes: int | None = Field(
+        default=None, ge=0, description="CUDA context headroom kept out of a fractional-GPU budget (default 600 MiB)."
+    )
 
 
 def expand_path(value: str) -> str:

@@ -19,7 +19,8 @@ rule and the fix.
     ├── RegistryError                MLflow tracking / model registry problems
     │   ├── ModelNotFoundError       no such model, version or alias
     │   └── ArtifactIntegrityError   an artifact's sha256 does not match its manifest
-    └── ServingError                 a Serve application cannot be built or deployed
+    ├── ServingError                 a Serve application cannot be built or deployed
+    └── GpuError                     a GPU that was there cannot be read (NVML call failed)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DependencyError",
     "FingerprintMismatchError",
+    "GpuError",
     "ModelNotFoundError",
     "PreprocessingError",
     "RegistryError",
@@ -125,3 +127,7 @@ class ArtifactIntegrityError(RegistryError):
 
 class ServingError(SkewlessError):
     """A Serve application cannot be built or deployed."""
+
+
+class GpuError(SkewlessError):
+    """A GPU that NVML listed cannot be read (lost device, driver error)."""

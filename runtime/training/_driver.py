@@ -194,6 +194,14 @@ def run_training(
         mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), "lineage/config.yaml")
         mlflow.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "lineage/feature_spec.yaml")
 
+        run_name = cfg.training.run_name or f"{name}-{run_id[:12]}"
+        storage = storage_path or str(registry.skewless_home() / "ray_results")
+        # The watchdog writes where it runs: the run's storage when it is a local path.
+        host_diag = (
+            f"{storage}/{run_name}/diagnostics/host-memory"
+            if "://" not in storage
+            else str(registry.skewless_home() / "runs" / run_id / "host-memory")
+        )
         progress(f"training on {cfg.training.num_workers} Ray Train worker(s), {cfg.training.epochs} epoch(s)")
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -212,6 +220,14 @@ def run_training(
                 "lr_schedule": cfg.training.lr_schedule,
                 "checkpoint_every_steps": cfg.training.checkpoint_every_steps,
                 "callbacks": list(callbacks or []),
+                "memory": {
+                    **cfg.memory.model_dump(exclude={"watchdog"}),
+                    "oom_guard": cfg.memory.oom_guard,
+                    "diagnostics_dir": f"{storage}/{run_name}/diagnostics",
+                    "report_dir": str(registry.skewless_home() / "runs" / run_id / "memory"),
+                    "watchdog_run": run_id[:12] if cfg.memory.watchdog.enabled else None,
+                    "host_diagnostics_dir": host_diag,
+                },
                 "mlflow_run_id": run_id,
                 "tracking_uri": tracking,
             },
@@ -221,8 +237,8 @@ def run_training(
                 resources_per_worker={"CPU": cfg.training.cpus_per_worker},
             ),
             run_config=RunConfig(
-                name=cfg.training.run_name or f"{name}-{run_id[:12]}",
-                storage_path=storage_path or str(registry.skewless_home() / "ray_results"),
+                name=run_name,
+                storage_path=storage,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=cfg.training.max_failures),
                 callbacks=run_callbacks,
@@ -230,12 +246,26 @@ def run_training(
             datasets=dict(zip(("train", "valid"), datasets(), strict=True)),
             dataset_config=DataConfig(execution_options=ingest_options()),
         )
+        watchdogs = _start_watchdogs(cfg, run_id[:12], host_diag)
+        incidents: list[dict[str, Any]] = []
         try:
             result = trainer.fit()
         except SkewlessError:
             raise
         except Exception as exc:
+            incidents = _stop_watchdogs(watchdogs, run_id, host_diag)
+            watchdogs = []
+            if incidents:
+                raise TrainingError(
+                    f"training run {run_id} failed on host memory: "
+                    + "; ".join(i["summary"] for i in incidents)
+                    + f". Diagnostics (stack and allocation dumps, REPORT.md): {host_diag}"
+                ) from exc
             raise TrainingError(f"training run {run_id} failed: {exc}") from exc
+        finally:
+            incidents = incidents or _stop_watchdogs(watchdogs, run_id, host_diag)
+        if incidents:  # workers were replaced (max_failures) and the run went on: say so
+            progress("host memory incidents during the run: " + "; ".join(i["summary"] for i in incidents))
         if result.checkpoint is None:
             raise TrainingError(f"training run {run_id} ended without a checkpoint")
         progress(
@@ -344,6 +374,38 @@ def _maybe_promote(
         return False, decision.replace("champion:", "would be champion (promote: false):")
     registry.set_alias(name, registry.CHAMPION, ref.version)
     return True, decision
+
+
+def _start_watchdogs(cfg: TrainJobConfig, run: str, diagnostics_dir: str) -> list[Any]:
+    if not cfg.memory.watchdog.enabled:
+        return []
+    from runtime.gpu._watchdog import start_watchdogs
+
+    w = cfg.memory.watchdog
+    return start_watchdogs(
+        run,
+        diagnostics_dir,
+        soft_fraction=w.soft_fraction,
+        poll_interval_s=w.poll_interval_s,
+        memory_limit_bytes=w.memory_limit_bytes,
+        cgroup_name=f"skewless-{run}",
+    )
+
+
+def _stop_watchdogs(watchdogs: list[Any], run_id: str, diagnostics_dir: str) -> list[dict[str, Any]]:
+    if not watchdogs:
+        return []
+    import mlflow
+
+    from runtime.gpu._watchdog import stop_watchdogs
+
+    incidents = stop_watchdogs(watchdogs)
+    if incidents:
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "skewless.host_memory_incidents", "; ".join(i["summary"] for i in incidents)[:5000])
+        if Path(diagnostics_dir).is_dir():
+            client.log_artifacts(run_id, diagnostics_dir, "diagnostics/host-memory")
+    return incidents
 
 
 def _recorded_metric(ref: Any, name: str) -> float | None:

@@ -75,6 +75,45 @@ def _autocast(device: Any, precision: str) -> Any:
     return contextlib.nullcontext()
 
 
+def accumulate(
+    state: LoopState,
+    batch: Any,
+    prep: Any,
+    loss_fn: Any,
+    task: str,
+    target_scale: tuple[float, float],
+    device: Any,
+    precision: str = "fp32",
+    sync_last: bool = True,
+) -> float:
+    """Forward and backward over this rank's ``batch`` (an Arrow table), in micro-batches.
+
+    Each micro-batch's summed loss is divided by the rank's whole batch size, so the
+    accumulated gradient equals the full batch's mean-loss gradient whatever the
+    micro-batch size. Under DDP, gradients are all-reduced on the last micro-batch only
+    when ``sync_last``; otherwise no collective runs here (see :func:`sync_gradients`).
+    """
+    model = state.model
+    rows = batch.num_rows
+    state.optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    starts = list(range(0, rows, state.micro_batch_size))
+    for i, start in enumerate(starts):
+        micro = batch.slice(start, state.micro_batch_size)
+        x = prep.transform(micro)
+        y = prep.transform_label(micro)
+        state.extra["input_shape"] = x.shape
+        last = i == len(starts) - 1
+        sync = contextlib.nullcontext() if (last and sync_last) or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(device, precision):
+                out = model(_to(x, device))
+                loss = loss_fn(out.float(), _targets(task, y, target_scale).to(device))
+            (loss / rows).backward()
+        total += float(loss.detach())
+    return total
+
+
 def train_step(
     state: LoopState,
     batch: Any,
@@ -85,31 +124,103 @@ def train_step(
     device: Any,
     precision: str = "fp32",
 ) -> float:
-    """One optimizer step over this rank's ``batch`` (an Arrow table), in micro-batches.
-
-    Each micro-batch's summed loss is divided by the rank's whole batch size, so the
-    accumulated gradient equals the full batch's mean-loss gradient whatever the
-    micro-batch size. Under DDP, gradients are all-reduced only on the last micro-batch.
-    """
-    model, optimizer = state.model, state.optimizer
-    rows = batch.num_rows
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    starts = list(range(0, rows, state.micro_batch_size))
-    for i, start in enumerate(starts):
-        micro = batch.slice(start, state.micro_batch_size)
-        x = prep.transform(micro)
-        y = prep.transform_label(micro)
-        last = i == len(starts) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with _autocast(device, precision):
-                out = model(_to(x, device))
-                loss = loss_fn(out.float(), _targets(task, y, target_scale).to(device))
-            (loss / rows).backward()
-        total += float(loss.detach())
-    optimizer.step()
+    """One optimizer step over this rank's ``batch``, gradients synced by DDP (no OOM guard)."""
+    total = accumulate(state, batch, prep, loss_fn, task, target_scale, device, precision)
+    state.optimizer.step()
     return total
+
+
+def guarded_step(
+    state: LoopState,
+    batch: Any,
+    prep: Any,
+    loss_fn: Any,
+    task: str,
+    target_scale: tuple[float, float],
+    device: Any,
+    precision: str,
+    callbacks: Callback,
+    agree: Any,
+) -> float:
+    """One optimizer step that survives an OOM on any rank (protocol in :mod:`runtime.gpu._oom`).
+
+    Micro-batches run with no collective in between; an OOM goes to ``callbacks.on_oom``
+    (which halves ``state.micro_batch_size``) and the step is retried on this rank. Then
+    ``agree`` (a MIN all-reduce of the micro-batch size over all ranks) makes every rank
+    use the smallest one, recomputing if it was larger; then one gradient all-reduce.
+    """
+    import torch
+
+    from runtime.errors import TrainingError
+
+    total = 0.0
+    stale = True  # this rank's gradients are not yet computed at its current micro-batch
+    while True:
+        if stale and state.micro_batch_size > 0:
+            try:
+                total = accumulate(state, batch, prep, loss_fn, task, target_scale, device, precision, sync_last=False)
+            except torch.cuda.OutOfMemoryError as exc:
+                before = state.micro_batch_size
+                if not callbacks.on_oom(state, exc) or state.micro_batch_size >= before:
+                    raise  # unhandled, or "handled" without a smaller micro-batch: no retry loop
+                continue
+        stale = False
+        # Every rank calls agree() once per round, so collectives always match.
+        agreed, largest = agree(state.micro_batch_size)
+        if agreed == 0:
+            where = state.extra.get("oom_bundle")
+            raise TrainingError(
+                f"out of memory at micro-batch 1 (step {state.step}, "
+                + (
+                    f"rank {state.rank}); diagnostics: {where}"
+                    if state.micro_batch_size == 0 and where
+                    else "another rank)"
+                )
+                + "; free memory (smaller model, bf16, fewer workers per GPU) or use a larger GPU"
+            )
+        if agreed == largest:
+            break  # every rank accumulated with the same micro-batch
+        if agreed < state.micro_batch_size:
+            state.micro_batch_size = agreed  # another rank shrank: accumulate the same way
+            stale = True
+    sync_gradients(state.model, state.world_size)
+    state.optimizer.step()
+    return total
+
+
+def sync_gradients(model: Any, world_size: int) -> None:
+    """Average gradients over ranks with one coalesced all-reduce (what DDP would have done)."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(synced)
+
+
+def micro_batch_agreement(world_size: int) -> Any:
+    """``agree(n) -> (min, max) over ranks of n``: a 16-byte all-reduce on a CPU (gloo) group."""
+    if world_size == 1:
+        return lambda n: (n, n)
+    import torch
+    import torch.distributed as dist
+
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    cell = torch.zeros(2, dtype=torch.int64)
+
+    def agree(n: int) -> tuple[int, int]:
+        cell[0], cell[1] = n, -n
+        dist.all_reduce(cell, op=dist.ReduceOp.MIN, group=group)
+        return int(cell[0]), -int(cell[1])
+
+    return agree
 
 
 def _to(x: np.ndarray, device: Any) -> Any:
@@ -119,14 +230,21 @@ def _to(x: np.ndarray, device: Any) -> Any:
 
 
 def _evaluate(
-    model: Any, shard: Any, prep: Any, loss_fn: Any, task: str, target_scale: tuple[float, float], device: Any
+    model: Any,
+    shard: Any,
+    prep: Any,
+    loss_fn: Any,
+    task: str,
+    target_scale: tuple[float, float],
+    device: Any,
+    batch_rows: int = 4096,
 ) -> dict[str, float]:
     import torch
 
     model.eval()
     v_total, v_rows, v_correct = 0.0, 0, 0.0
     with torch.inference_mode():
-        for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        for batch in shard.iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
             y = _targets(task, prep.transform_label(batch), target_scale).to(device)
             out = model(_to(prep.transform(batch), device))
             v_total += float(loss_fn(out, y))
@@ -160,8 +278,38 @@ class MlflowMetrics(Callback):
 
 def default_callbacks(config: dict[str, Any]) -> list[Callback]:
     callbacks: list[Callback] = []
-    if config.get("mlflow_run_id"):
-        callbacks.append(MlflowMetrics(config["tracking_uri"], config["mlflow_run_id"]))
+    run_id, tracking = config.get("mlflow_run_id"), config.get("tracking_uri")
+    if run_id:
+        callbacks.append(MlflowMetrics(config["tracking_uri"], run_id))
+    memory = config.get("memory") or {}
+    if memory.get("track", False):
+        from runtime.gpu._tracker import MemoryTracker
+
+        callbacks.append(
+            MemoryTracker(
+                interval_s=memory.get("sample_interval_s", 1.0),
+                output_dir=memory.get("report_dir"),
+                mlflow_run_id=run_id,
+                tracking_uri=tracking,
+            )
+        )
+    if memory.get("watchdog_run"):
+        from runtime.gpu._watchdog import WatchdogClient
+
+        callbacks.append(WatchdogClient(memory["watchdog_run"], memory["host_diagnostics_dir"]))
+    if memory.get("oom_guard", False):
+        from runtime.gpu._oom import OomGuard
+
+        context = {k: v for k, v in config.items() if k not in ("callbacks", "preprocessor")}
+        callbacks.append(
+            OomGuard(
+                memory.get("diagnostics_dir") or tempfile.mkdtemp(prefix="skewless-diagnostics-"),
+                mlflow_run_id=run_id,
+                tracking_uri=tracking,
+                record_history=memory.get("record_history", True),
+                context=context,
+            )
+        )
     return callbacks
 
 
@@ -201,7 +349,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resume = load_checkpoint(Path(d), model, optimizer, scheduler, expected_preprocessor=prep.fingerprint)
         state.epoch, state.step, state.step_in_epoch = resume.epoch, resume.step, resume.step_in_epoch
         state.micro_batch_size = min(resume.micro_batch_size, per_rank)
-    state.model = ray.train.torch.prepare_model(model)
+    guard = bool((config.get("memory") or {}).get("oom_guard", False))
+    # With the guard, no collective may run inside a step's forward/backward (a rank retrying
+    # after an OOM would mismatch it): no per-forward buffer broadcast, one explicit
+    # gradient all-reduce per step (see runtime.gpu._oom).
+    kwargs = {"broadcast_buffers": False} if guard and world > 1 else {}
+    state.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs or None)
     state.optimizer = optimizer
     device = ray.train.torch.get_device()
     loss_fn = _loss_fn(task)
@@ -210,6 +363,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
     callbacks = CallbackList([*default_callbacks(config), *config.get("callbacks", [])])
+    agree = micro_batch_agreement(world) if guard else None
 
     def report(metrics: dict[str, float], epoch_done: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -229,7 +383,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 callbacks.on_checkpoint(state, Path(tmp))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+            memory = state.extra.get("memory") or {}
+            ray.train.report({**metrics, **{f"memory/{k}": v for k, v in memory.items()}}, checkpoint=ckpt)
 
     callbacks.on_run_start(state)
     state.model.train()
@@ -245,14 +400,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for i, batch in enumerate(batches):
             if i < state.step_in_epoch:
                 continue  # resumed mid-epoch: these steps are in the checkpoint already
-            while True:
-                try:
-                    loss = train_step(state, batch, prep, loss_fn, task, target_scale, device, precision)
-                    break
-                except torch.cuda.OutOfMemoryError as exc:
-                    before = state.micro_batch_size
-                    if not callbacks.on_oom(state, exc) or state.micro_batch_size >= before:
-                        raise  # unhandled, or "handled" without a smaller micro-batch: no retry loop
+            if guard:
+                loss = guarded_step(
+                    state, batch, prep, loss_fn, task, target_scale, device, precision, callbacks, agree
+                )
+            else:
+                loss = train_step(state, batch, prep, loss_fn, task, target_scale, device, precision)
             if scheduler is not None:
                 scheduler.step()
             state.step += 1
@@ -266,7 +419,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         total, n_rows = _all_reduce_sum([total, rows])
         state.metrics = {
             "train_loss": total / max(n_rows, 1),
-            **_evaluate(state.model, valid_shard, prep, loss_fn, task, target_scale, device),
+            # in micro-batches: a size that fits with gradients fits without them
+            **_evaluate(state.model, valid_shard, prep, loss_fn, task, target_scale, device, state.micro_batch_size),
         }
         callbacks.on_epoch_end(state)
         report({"epoch": state.epoch, "step": state.step, **state.metrics}, epoch_done=True)

@@ -1,0 +1,408 @@
+"""The OOM guard: survive a CUDA out-of-memory with an unchanged effective batch, and leave a
+bundle a person can read.
+
+How it plugs into the training loop (:mod:`runtime.training._loop`):
+
+- the loop runs a step's micro-batches with no collective in between (DDP's gradient
+  all-reduce is deferred to one explicit all-reduce after the last micro-batch), so a rank
+  that runs out of memory mid-step can retry the step on its own without leaving another
+  rank waiting in a half-matched all-reduce;
+- :meth:`OomGuard.on_oom` catches ``torch.cuda.OutOfMemoryError`` (the class, not string
+  matching), writes a diagnostics bundle, frees what the failed step held, and halves the
+  micro-batch; the loop retries the step;
+- before the gradient all-reduce every rank takes part in a 16-byte all-reduce of its
+  micro-batch size (min and max) on a CPU (gloo) group: the collective that tells every
+  rank. Ranks with a larger micro-batch than the minimum recompute their step with it and
+  all ranks agree again, until min == max; so all ranks accumulate the same way and the
+  result equals a run that started at the smaller micro-batch. A minimum of 0 means a rank
+  could not fit micro-batch 1: every rank stops with that error together.
+- on the happy path the guard does nothing per step but read ``num_alloc_retries`` from
+  ``torch.cuda.memory_stats`` (a host-side counter read: no CUDA synchronization); the
+  agreement is a CPU collective, not a CUDA one. A thrashing allocator (retries growing
+  step after step) halves the micro-batch the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import pickle
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from runtime.training._events import Callback, LoopState
+
+logger = logging.getLogger(__name__)
+
+HISTORY_ENTRIES = 20_000
+MAX_BUNDLES_PER_RANK = 3
+_MB = 1 << 20
+
+
+def is_cuda_oom(error: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+class OomGuard(Callback):
+    """Catches CUDA OOMs, writes a diagnostics bundle, halves the micro-batch.
+
+    ``diagnostics_dir`` is a local path or a ``pyarrow.fs`` URI (the run's storage); bundles
+    are also logged to the MLflow run ``mlflow_run_id`` under ``diagnostics/``.
+    """
+
+    def __init__(
+        self,
+        diagnostics_dir: str,
+        mlflow_run_id: str | None = None,
+        tracking_uri: str | None = None,
+        record_history: bool = True,
+        thrash_window: int = 3,
+        context: dict[str, Any] | None = None,
+    ) -> None:
+        self.diagnostics_dir = diagnostics_dir
+        self.mlflow_run_id = mlflow_run_id
+        self.tracking_uri = tracking_uri
+        self.record_history = record_history
+        self.thrash_window = thrash_window
+        self.context = context or {}
+        self.bundles: list[str] = []
+        self._events = 0
+        self._thrash: Any = None
+        self._device: Any = None
+
+    # ------------------------------------------------------------------ events
+
+    def on_run_start(self, state: LoopState) -> None:
+        import torch
+
+        from runtime.gpu._tracker import ThrashDetector
+
+        self._thrash = ThrashDetector(self.thrash_window)
+        if torch.cuda.is_available():
+            self._device = torch.cuda.current_device()
+            if self.record_history:
+                try:  # python stacks only: C++ stacks make a dump take minutes
+                    torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES, stacks="python")
+                except (RuntimeError, TypeError) as exc:
+                    logger.warning("allocator history not recorded: %s", exc)
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self._device is None or self._thrash is None:
+            return
+        import torch
+
+        retries = int(torch.cuda.memory_stats(self._device).get("num_alloc_retries", 0))
+        if self._thrash.update(retries) and state.micro_batch_size > 1:
+            reason = (
+                f"allocator thrash: num_alloc_retries grew on each of the last {self.thrash_window} steps ({retries})"
+            )
+            self._shrink(state, None, reason)
+
+    def on_oom(self, state: LoopState, error: BaseException) -> bool:
+        if not is_cuda_oom(error):
+            return False
+        self._shrink(state, error, "CUDA out of memory")
+        return True
+
+    def on_run_end(self, state: LoopState) -> None:
+        if self._device is not None and self.record_history:
+            import torch
+
+            with contextlib.suppress(RuntimeError, TypeError):
+                torch.cuda.memory._record_memory_history(enabled=None)
+
+    # ------------------------------------------------------------------ recovery
+
+    def _shrink(self, state: LoopState, error: BaseException | None, reason: str) -> None:
+        before = state.micro_batch_size
+        after = before // 2  # 0: micro-batch 1 did not fit; the loop stops every rank
+        self._events += 1
+        bundle = None
+        if self._events <= MAX_BUNDLES_PER_RANK or after == 0:
+            bundle = self.write_bundle(state, error, reason, before, after)
+        state.micro_batch_size = after
+        events = state.extra.setdefault("oom_events", [])
+        events.append({"step": state.step, "reason": reason, "micro_batch": [before, after], "bundle": bundle})
+        if bundle:
+            state.extra["oom_bundle"] = bundle
+        _free(state)
+        logger.warning(
+            "rank %d step %d: %s; micro-batch %d -> %s%s",
+            state.rank,
+            state.step,
+            reason,
+            before,
+            after or "none (micro-batch 1 does not fit)",
+            f"; diagnostics in {bundle}" if bundle else "",
+        )
+
+    # ------------------------------------------------------------------ the bundle
+
+    def write_bundle(self, state: LoopState, error: BaseException | None, reason: str, before: int, after: int) -> str:
+        """Write the bundle locally, copy it to the run's storage and MLflow; returns where."""
+        name = f"oom-rank{state.rank}-step{state.step}-{self._events}"
+        with tempfile.TemporaryDirectory(prefix="skewless-oom-") as tmp:
+            local = Path(tmp) / name
+            local.mkdir()
+            try:
+                write_bundle_files(local, state, error, reason, before, after, self.context)
+            except Exception as exc:  # a failing bundle must not hide the OOM itself
+                (local / "BUNDLE_ERROR.txt").write_text(traceback.format_exc())
+                logger.warning("diagnostics bundle incomplete: %s", exc)
+            target = _copy_out(local, self.diagnostics_dir, name)
+            if self.mlflow_run_id:
+                try:
+                    import mlflow
+
+                    client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+                    client.log_artifacts(self.mlflow_run_id, str(local), f"diagnostics/{name}")
+                except Exception as exc:
+                    logger.warning("diagnostics bundle not logged to MLflow: %s", exc)
+        self.bundles.append(target)
+        return target
+
+
+def write_bundle_files(
+    directory: Path,
+    state: LoopState,
+    error: BaseException | None,
+    reason: str,
+    before: int,
+    after: int,
+    context: dict[str, Any] | None = None,
+) -> None:
+    """Every file of a diagnostics bundle, ``REPORT.md`` last (it summarizes the others)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    files: list[str] = []
+
+    def put(name: str, text: str) -> None:
+        (directory / name).write_text(text)
+        files.append(name)
+
+    if error is not None:
+        put("error.txt", "".join(traceback.format_exception(error)))
+    put("stacks.txt", all_thread_stacks())
+    host = _host_memory()
+    facts: dict[str, Any] = {
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "reason": reason,
+        "rank": state.rank,
+        "world_size": state.world_size,
+        "epoch": state.epoch,
+        "step": state.step,
+        "step_in_epoch": state.step_in_epoch,
+        "micro_batch_before": before,
+        "micro_batch_after": after,
+        "rows_per_rank_step": state.batch_size,
+        "input_shape": state.extra.get("input_shape"),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "host_memory": host,
+        "pid": os.getpid(),
+        "config": context or {},
+    }
+    if cuda:
+        facts["allocator"] = {
+            k: v for k, v in torch.cuda.memory_stats().items() if k.endswith(".all.current") or k.startswith("num_")
+        }
+        put("memory_summary.txt", torch.cuda.memory_summary())
+        put("nvml.json", json.dumps(_nvml_usage(), indent=2))
+        snapshot = _snapshot()
+        if snapshot is not None:
+            # torch's own format, for https://pytorch.org/memory_viz (we only write it).
+            with open(directory / "memory_snapshot.pickle", "wb") as f:
+                pickle.dump(snapshot, f)
+            files.append("memory_snapshot.pickle")
+        consumers = consumers_from_snapshot(snapshot) if snapshot else []
+    else:
+        consumers = []
+    if not consumers:
+        consumers = tensor_census(state)
+    facts["largest_consumers"] = [{"what": w, "bytes": b} for w, b in consumers[:10]]
+    put("context.json", json.dumps(facts, indent=2, default=str))
+    (directory / "REPORT.md").write_text(_report(facts, consumers, files, error))
+
+
+def _report(facts: dict[str, Any], consumers: list[tuple[str, int]], files: list[str], error: Any) -> str:
+    after = facts["micro_batch_after"]
+    what_next = (
+        f"The guard halved the micro-batch from {facts['micro_batch_before']} to {after} rows and retried the step; "
+        "gradients accumulate, so the effective batch is unchanged."
+        if after
+        else "Micro-batch 1 did not fit: the run stops. Free memory (smaller model, bf16, fewer workers per GPU) "
+        "or give the worker a larger GPU."
+    )
+    lines = [
+        f"# Out of memory: rank {facts['rank']}, step {facts['step']} (epoch {facts['epoch']})",
+        "",
+        f"**What happened:** {facts['reason']} on `{facts['device']}` while running a micro-batch of "
+        f"{facts['micro_batch_before']} rows (input shape {facts['input_shape']}) of this rank's "
+        f"{facts['rows_per_rank_step']}-row step, {facts['world_size']} rank(s) in the run.",
+        "",
+        f"**What the guard did:** {what_next}",
+        "",
+        "## The three largest consumers",
+        "",
+    ]
+    for what, size in consumers[:3]:
+        lines.append(f"1. {size / _MB:,.1f} MiB: {what}")
+    if not consumers:
+        lines.append("(none found)")
+    host = facts.get("host_memory") or {}
+    lines += [
+        "",
+        "## Host memory",
+        "",
+        f"{host.get('usage_mb', '?')} MiB used of {host.get('limit_mb', '?')} MiB ({host.get('source', '?')}); "
+        f"this process RSS {host.get('rss_mb', '?')} MiB.",
+        "",
+        "## Files",
+        "",
+        *(f"- `{f}`" for f in files),
+        "- `context.json`: step, shapes, config, allocator counters, largest consumers",
+    ]
+    if error is not None:
+        lines += ["", "## Error", "", "```", str(error).strip()[:2000], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def all_thread_stacks() -> str:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = []
+    for ident, frame in sys._current_frames().items():
+        out.append(f"--- thread {names.get(ident, '?')} ({ident})\n")
+        out.extend(traceback.format_stack(frame))
+    return "".join(out)
+
+
+def tensor_census(state: LoopState) -> list[tuple[str, int]]:
+    """What holds memory, by role, when there is no allocator snapshot (CPU, or history off)."""
+    import torch
+
+    model = getattr(state.model, "module", state.model)
+    params = list(model.parameters()) if model is not None else []
+    sizes: dict[str, int] = {
+        "model parameters": sum(p.numel() * p.element_size() for p in params),
+        "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+    }
+    opt_bytes = 0
+    if state.optimizer is not None:
+        for per_param in state.optimizer.state.values():
+            for v in per_param.values():
+                if isinstance(v, torch.Tensor):
+                    opt_bytes += v.numel() * v.element_size()
+    sizes["optimizer state"] = opt_bytes
+    shape = state.extra.get("input_shape")
+    if shape:
+        rows, cols = shape[0], shape[1] if len(shape) > 1 else 1
+        sizes[f"input micro-batch {tuple(shape)} (float32)"] = rows * cols * 4
+    return sorted(((k, v) for k, v in sizes.items() if v), key=lambda kv: -kv[1])
+
+
+def consumers_from_snapshot(snapshot: dict[str, Any]) -> list[tuple[str, int]]:
+    """Live allocations grouped by the first frame outside torch, largest first."""
+    by_site: dict[str, int] = {}
+    for segment in snapshot.get("segments", []):
+        for block in segment.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            frames = block.get("frames") or []
+            site = next(
+                (
+                    f"{f.get('filename')}:{f.get('line')} in {f.get('name')}"
+                    for f in frames
+                    if "/torch/" not in str(f.get("filename", "")) and f.get("filename")
+                ),
+                "unattributed (allocated before history recording started)",
+            )
+            by_site[site] = by_site.get(site, 0) + int(block.get("size", 0))
+    return sorted(by_site.items(), key=lambda kv: -kv[1])
+
+
+def _snapshot() -> dict[str, Any] | None:
+    import torch
+
+    try:
+        snap: dict[str, Any] = torch.cuda.memory._snapshot()
+        return snap
+    except Exception as exc:
+        logger.warning("no allocator snapshot: %s", exc)
+        return None
+
+
+def _nvml_usage() -> dict[str, Any]:
+    from runtime.gpu import _nvml
+
+    if not _nvml.gpu_available():
+        return {"available": False, "reason": _nvml.no_gpu_reason()}
+    out: dict[str, Any] = {"available": True, "devices": []}
+    for dev in _nvml.visible_devices():
+        try:
+            mem: Any = _nvml.memory(dev)
+        except Exception:  # a GPU NVML can no longer read: report the rest
+            mem = None
+        out["devices"].append(
+            {
+                "device": dev.label,
+                "total": mem.total if mem else None,
+                "used": mem.used if mem else None,
+                "processes": _nvml.process_usage(dev),
+            }
+        )
+    return out
+
+
+def _host_memory() -> dict[str, Any]:
+    from runtime.gpu._hostmem import memory_pressure, process_rss
+
+    try:
+        reading = memory_pressure()
+        return {
+            "usage_mb": round(reading.usage / _MB, 1),
+            "limit_mb": round(reading.limit / _MB, 1),
+            "source": reading.source,
+            "rss_mb": round(process_rss() / _MB, 1),
+        }
+    except Exception as exc:
+        return {"error": str(exc)}
+
+
+def _free(state: LoopState) -> None:
+    """Drop what the failed step held so the retry starts from the steady state."""
+    if state.optimizer is not None:
+        state.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _copy_out(local: Path, destination: str, name: str) -> str:
+    """Copy a bundle to ``destination`` (a path or a pyarrow.fs URI); returns its location."""
+    if "://" not in destination:
+        target = Path(destination) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        import shutil
+
+        shutil.copytree(local, target, dirs_exist_ok=True)
+        return str(target)
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(destination)
+    fs.create_dir(f"{base}/{name}", recursive=True)
+    pafs.copy_files(str(local), f"{base}/{name}", destination_filesystem=fs)
+    return f"{destination.rstrip('/')}/{name}"
