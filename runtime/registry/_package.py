@@ -83,6 +83,14 @@ class Predictions:
     probabilities: np.ndarray | None
     classes: list[Any] | None
 
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def slice(self, start: int, stop: int) -> Predictions:
+        """Rows ``start:stop`` (to answer each request of a batched model call)."""
+        probs = None if self.probabilities is None else self.probabilities[start:stop]
+        return Predictions(self.values[start:stop], probs, self.classes)
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"predictions": self.values}
         if self.probabilities is not None:

@@ -13,8 +13,15 @@ from runtime.errors import ConfigError, ServingError
 PREDICTOR_IMPORT_PATH = "serve_apps.predictor:app"
 
 
-def validate_serve_config(config: dict[str, Any], source: str) -> Any:
-    """Ray's own schema first, then skewless's args for each predictor application."""
+def validate_serve_config(
+    config: dict[str, Any], source: str, gpu_total_bytes: int | None = None, gpus: int = 1
+) -> Any:
+    """Ray's own schema first, then skewless's args for each predictor application, then
+    whether fractional-GPU replicas fit their GPU (before anything starts).
+
+    ``gpu_total_bytes`` is one GPU's memory; by default the first GPU NVML sees here. With
+    neither, only Ray's own rules apply to ``num_gpus``.
+    """
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
@@ -22,10 +29,46 @@ def validate_serve_config(config: dict[str, Any], source: str) -> Any:
         schema = ServeDeploySchema.model_validate(config)
     except ValidationError as exc:
         raise ConfigError(f"{source}: not a valid Serve config:\n{exc}") from None
+    demands = []
     for app in schema.applications:
-        if app.import_path == PREDICTOR_IMPORT_PATH:
-            load_config(ServeAppArgs, dict(app.args or {}))
+        if app.import_path != PREDICTOR_IMPORT_PATH:
+            continue
+        args = load_config(ServeAppArgs, dict(app.args or {}))
+        for dep in app.deployments:
+            demand = _gpu_demand(app.name, dep, args)
+            if demand is not None:
+                demands.append(demand)
+    if demands:
+        total = gpu_total_bytes or _local_gpu_total()
+        if total is not None:
+            from runtime.gpu import check_packing
+
+            try:
+                check_packing(demands, total, devices=gpus)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
     return schema
+
+
+def _gpu_demand(app: str, dep: Any, args: ServeAppArgs) -> Any:
+    from runtime.gpu import ReplicaDemand
+
+    fields = dep.model_dump(exclude_unset=True)
+    gpus = float((fields.get("ray_actor_options") or {}).get("num_gpus") or 0)
+    if gpus <= 0:
+        return None
+    autoscaling = fields.get("autoscaling_config") or {}
+    replicas = int(autoscaling.get("max_replicas") or fields.get("num_replicas") or 1)
+    return ReplicaDemand(f"{app}/{dep.name}", replicas, gpus, declared_bytes=args.gpu_memory_bytes)
+
+
+def _local_gpu_total() -> int | None:
+    from runtime.gpu import _nvml
+
+    if not _nvml.gpu_available():
+        return None
+    devices = _nvml.visible_devices()
+    return _nvml.memory(devices[0]).total if devices else None
 
 
 def run_app(app: Any, name: str, route_prefix: str) -> None:

@@ -1,118 +1,245 @@
-"""The predictor deployment: raw JSON rows -> the shared preprocessing -> the model.
+"""The predictor deployment: raw rows -> the shared preprocessing -> the model.
 
 Routes (below the application's route prefix):
 
-- ``POST /predict`` with ``{"instances": [{"col": value, ...}, ...]}`` answers
+- ``POST /predict`` with JSON ``{"instances": [{"col": value, ...}, ...]}`` answers JSON
   ``{"predictions": [...], "model": {"name", "version", "uri"}}`` (plus ``probabilities``
-  and ``classes`` for classifiers). Bad input is a 4xx whose body names the field, the
-  value and the rule; it is never a 500.
-- ``GET /healthz`` answers 200 with the model identity once the replica is loaded.
+  and ``classes`` for classifiers). With ``Content-Type: application/vnd.apache.arrow.stream``
+  (an Arrow IPC stream of raw rows) it answers in Arrow IPC: bulk scoring through the same
+  preprocessing and model.
+- ``GET /healthz`` answers 200 with the model identity and its load/warm-up times.
+
+Bad input is a 4xx whose body names the field, the row, the value and the rule (413 size,
+415 content type, 422 schema, 400 malformed, 401 without the API key when one is set); it is
+never a 500. JSON requests go through Ray Serve's dynamic batching (``@serve.batch``): many
+concurrent small requests become one model call. Arrow requests are already batches and go
+straight to the model. Backpressure (``max_ongoing_requests``, ``max_queued_requests``,
+``backpressure_config``: 503/429 with ``Retry-After``) is Ray Serve's own, set in the Serve
+config.
 
 The replica refuses to start when the installed preprocessing code's fingerprint differs
 from the one the model was trained with (``allow_fingerprint_mismatch`` overrides, loudly).
+With a fractional GPU (``ray_actor_options.num_gpus: 0.25``) it caps its allocator at that
+share of the device and reports its real usage against it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
+import os
+import time
 from typing import Any
 
+import pyarrow as pa
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from runtime.config import ServeAppArgs, load_config
 from runtime.errors import SchemaValidationError
+from runtime.serving._auth import ApiKeyAuth
+from runtime.serving._codec import HttpError, decode_request, encode_response, is_arrow
 
 logger = logging.getLogger("ray.serve")
+PREDICT, HEALTH = "/predict", "/healthz"
+INLINE_ROWS = 512
 
 
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON; send null for a missing value")
+def _error_response(err: HttpError) -> Response:
+    return Response(err.body(), status_code=err.status, media_type="application/json", headers=dict(err.headers))
 
 
-def _error(status: int, field: str | None, value: Any, rule: str, row: int | None = None) -> JSONResponse:
-    if not isinstance(value, (str, int, float, bool, type(None))) or (
-        isinstance(value, float) and not math.isfinite(value)
-    ):
-        value = repr(value)[:200]  # JSON has no NaN/inf, and bodies stay small
-    body = {"error": {"field": field, "row": row, "value": value, "rule": rule}}
-    return JSONResponse(body, status_code=status)
-
-
-@serve.deployment(name="Predictor", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
+@serve.deployment(name="Predictor", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Predictor:
     def __init__(self, args: dict[str, Any]) -> None:
         from runtime import registry
 
+        t0 = time.perf_counter()
         self.args = load_config(ServeAppArgs, args)
+        self.auth = ApiKeyAuth.from_config(self.args.api_key, self.args.api_key_env)
+        self.budget = self._apply_gpu_budget()
         ref, self.model = registry.load(self.args.model_uri, self.args.allow_fingerprint_mismatch)
         self.identity = {
             "name": ref.name if ref else None,
             "version": ref.version if ref else None,
             "uri": self.args.model_uri,
         }
-        # Fail at start-up, not on the first request, if the model cannot predict.
-        self._canary = self._canary_record()
-        self.model.predict_records([self._canary])
-        logger.info("loaded %s (version %s)", self.args.model_uri, self.identity["version"])
+        load_s = time.perf_counter() - t0
+        # Fail at start-up, not on the first request, if the model cannot predict; the
+        # warm-up also pays the first-call costs (allocator, kernels) before traffic does.
+        t1 = time.perf_counter()
+        self._canary = self._canary_table()
+        for _ in range(3):
+            self.model.predict_table(self._canary)
+        self.startup = {"load_s": round(load_s, 4), "warmup_s": round(time.perf_counter() - t1, 4)}
+        self.metrics = self._metrics()
+        self._batched_predict.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
+        self._batched_predict.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        logger.info(
+            "loaded %s (version %s) in %.2fs, warm-up %.3fs%s",
+            self.args.model_uri,
+            self.identity["version"],
+            self.startup["load_s"],
+            self.startup["warmup_s"],
+            "; API key required" if self.auth.enabled else "",
+        )
 
-    def _canary_record(self) -> dict[str, Any]:
+    def _canary_table(self) -> pa.Table:
         schema = self.model.preprocessor.input_schema
-        return {f.name: ("" if str(f.type) == "string" else 0.0) for f in schema}
+        row = {f.name: ("" if pa.types.is_string(f.type) else 0.0) for f in schema}
+        return self.model.preprocessor.records_to_table([row])
+
+    def _apply_gpu_budget(self) -> Any:
+        import ray
+
+        fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+        if not 0.0 < fraction < 1.0:
+            return None
+        from runtime.gpu import DEFAULT_CONTEXT_HEADROOM, apply_budget
+
+        headroom = self.args.gpu_headroom_bytes
+        return apply_budget(fraction, headroom_bytes=DEFAULT_CONTEXT_HEADROOM if headroom is None else headroom)
+
+    def _metrics(self) -> Any:
+        from runtime.serving._metrics import ServingMetrics
+
+        try:
+            return ServingMetrics.for_model(self.model, str(self.identity["name"]), str(self.identity["version"]))
+        except Exception as exc:  # metrics must never take the replica down
+            logger.warning("serving metrics disabled: %s", exc)
+            return None
 
     def check_health(self) -> None:
-        """Serve calls this periodically; raising marks the replica unhealthy."""
-        self.model.predict_records([self._canary])
+        """Serve calls this periodically; raising marks the replica unhealthy (and replaces it)."""
+        preds = self.model.predict_table(self._canary)
+        if len(preds) != 1:
+            raise RuntimeError(f"canary prediction returned {len(preds)} rows, expected 1")
+        if self.metrics is not None:
+            self.metrics.flush()
 
-    async def __call__(self, request: Request) -> JSONResponse:
+    def health(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": "ok",
+            "model": self.identity,
+            "startup": self.startup,
+            "replica": {"pid": os.getpid()},
+        }
+        if self.budget is not None:
+            from runtime.gpu import budget_usage
+
+            usage = budget_usage(self.budget)
+            out["gpu_budget"] = {
+                "budget_bytes": usage.budget_bytes,
+                "nvml_used_bytes": usage.nvml_used_by_this_process,
+                "torch_reserved_bytes": usage.torch_reserved,
+                "within_budget": usage.within_budget,
+            }
+        return out
+
+    async def __call__(self, request: Request) -> Response:
+        t0 = time.perf_counter()
         path = request.url.path[len(request.scope.get("root_path", "")) :].rstrip("/") or "/"
-        if path == "/healthz":
-            return JSONResponse({"status": "ok", "model": self.identity})
-        if path != "/predict":
-            return _error(404, None, path, "unknown route; use POST /predict or GET /healthz")
+        try:
+            response = await self._route(request, path)
+        except HttpError as err:
+            response = _error_response(err)
+        except Exception:  # a bug of ours: log it, answer 500 (never die)
+            logger.exception("unexpected error on %s", path)
+            response = JSONResponse({"error": {"rule": "internal error; see the replica log"}}, status_code=500)
+        if self.metrics is not None and path == PREDICT:
+            self.metrics.observe_request(path, response.status_code, time.perf_counter() - t0)
+        return response
+
+    async def _route(self, request: Request, path: str) -> Response:
+        if path == HEALTH:
+            return JSONResponse(self.health())
+        if path != PREDICT:
+            raise HttpError(404, None, path, f"unknown route; use POST {PREDICT} or GET {HEALTH}")
         if request.method != "POST":
-            return _error(405, None, request.method, "POST /predict")
+            raise HttpError(405, None, request.method, f"POST {PREDICT}")
+        self.auth.check(request.headers.get("authorization"))
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.args.max_body_bytes:
+            raise HttpError(413, "body", int(declared), f"request body at most {self.args.max_body_bytes} bytes")
         body = await request.body()
-        if len(body) > self.args.max_body_bytes:
-            return _error(413, None, len(body), f"request body at most {self.args.max_body_bytes} bytes")
-        # The model runs in a worker thread so the replica's event loop keeps serving.
-        return await asyncio.to_thread(self._predict, body)
+        content_type = request.headers.get("content-type")
+        arrow = is_arrow(content_type)
+        headers: dict[str, str] = {}
+        if arrow:  # bulk: decode, transform and predict off the event loop
+            table, preds = await asyncio.to_thread(self._decode_and_predict, content_type, body)
+        else:
+            table = self._decode(content_type, body)
+            preds, batched = await self._batched_predict(table)
+            if isinstance(preds, HttpError):
+                raise preds
+            headers["x-skewless-batch-requests"] = str(batched)
+        if self.metrics is not None:
+            self.metrics.observe_batch(table, preds)
+        out, media = encode_response(preds, self.identity, arrow=arrow)
+        return Response(out, media_type=media, headers=headers)
 
-    def _predict(self, body: bytes) -> JSONResponse:
+    def _decode(self, content_type: str | None, body: bytes) -> pa.Table:
+        return decode_request(
+            content_type,
+            body,
+            preprocessor=self.model.preprocessor,
+            max_body_bytes=self.args.max_body_bytes,
+            max_instances=self.args.max_instances,
+        )
+
+    def _predict(self, table: pa.Table) -> Any:
         try:
-            payload = json.loads(body, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            return _error(400, None, body[:100].decode("utf-8", "replace"), f"body must be valid JSON ({exc})")
-        if not isinstance(payload, dict) or "instances" not in payload:
-            return _error(
-                422,
-                "instances",
-                payload if not isinstance(payload, dict) else None,
-                'body must be an object {"instances": [{...}, ...]}',
-            )
-        instances = payload["instances"]
-        if not isinstance(instances, list) or not instances:
-            return _error(422, "instances", instances, "must be a non-empty list of objects")
-        if len(instances) > self.args.max_instances:
-            return _error(413, "instances", len(instances), f"at most {self.args.max_instances} instances per request")
-        for i, row in enumerate(instances):
-            if not isinstance(row, dict):
-                return _error(422, "instances", row, "each instance must be an object of column: value", row=i)
-        try:
-            preds = self.model.predict_records(instances)
+            return self.model.predict_table(table)
         except SchemaValidationError as exc:
-            err = exc.to_dict()
-            return _error(422, err["field"], err["value"], err["rule"], row=err["row"])
-        out = preds.to_json()
-        out["model"] = self.identity
-        return JSONResponse(out)
+            raise HttpError.from_schema_error(exc) from None
+
+    def _decode_and_predict(self, content_type: str | None, body: bytes) -> tuple[pa.Table, Any]:
+        table = self._decode(content_type, body)
+        return table, self._predict(table)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _batched_predict(self, tables: list[pa.Table]) -> list[tuple[Any, int]]:
+        """One model call for the rows of many requests; each gets its slice (or its error)
+        and the number of requests that shared the call."""
+        n = len(tables)
+        if n == 1:
+            return [(await self._run_model(tables[0]), 1)]
+        try:
+            merged = pa.concat_tables(tables)
+        except pa.ArrowInvalid:  # cannot happen with one schema; keep the requests apart anyway
+            return [(await self._run_model(t), 1) for t in tables]
+        preds = await self._run_model(merged)
+        if isinstance(preds, HttpError):  # one bad row: find whose, answer the others
+            return [(await self._run_model(t), 1) for t in tables]
+        out, start = [], 0
+        for t in tables:
+            out.append((preds.slice(start, start + t.num_rows), n))
+            start += t.num_rows
+        return out
+
+    async def _run_model(self, table: pa.Table) -> Any:
+        """Small batches run inline (a thread hop costs more than they do and the replica's
+        model is single-threaded anyway); large ones in a thread, so health checks and
+        request decoding go on meanwhile."""
+        if table.num_rows <= INLINE_ROWS:
+            return self._predict_or_error(table)
+        return await asyncio.to_thread(self._predict_or_error, table)
+
+    def _predict_or_error(self, table: pa.Table) -> Any:
+        try:
+            return self._predict(table)
+        except HttpError as err:
+            return err
 
 
-def build_predictor_app(args: dict[str, Any]) -> serve.Application:
-    """An application builder: validates ``args`` before any replica starts."""
+def build_predictor_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
+    """An application builder: validates ``args`` before any replica starts.
+
+    ``options`` are Serve deployment options (``num_replicas``, ``autoscaling_config``,
+    ``max_queued_requests``, ``ray_actor_options`` ...) for code that does not use a config file.
+    """
     validated = load_config(ServeAppArgs, dict(args))
-    return Predictor.bind(validated.model_dump())  # type: ignore[attr-defined]
+    deployment: Any = Predictor.options(**options) if options else Predictor  # type: ignore[attr-defined]
+    app: serve.Application = deployment.bind(validated.model_dump())
+    return app

@@ -105,20 +105,20 @@ def test_memory_tracker_run_writes_the_report_and_publishes(tmp_path: Path, mlfl
     ]
     records = [json.loads(line) for line in tracker.report_paths["timeline"].read_text().splitlines()]
     steps = [r for r in records if r["source"] == "step"]
-    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["step"] for r in steps] == [1, 2]  # on CPU: the first step and each publishing one
     assert all("rss" in r and "cgroup_usage" in r for r in steps)  # the CPU record: RSS + cgroup
     assert sum(r["source"] == "sampler" for r in records) >= 3  # the sampler's, plus the closing one
-    assert steps[-1]["rss"] - steps[0]["rss"] >= 70 * MIB
+    assert steps[-1]["rss"] - steps[0]["rss"] >= 30 * MIB
     assert tracker.report_paths["plot"].read_bytes().startswith(b"\x89PNG")
     report = json.loads(tracker.report_paths["report"].read_text())
     assert report["peaks"] == tracker.peaks
-    assert report["rank"] == 1 and report["step_records"] == 3 and report["samples"] >= 3
+    assert report["rank"] == 1 and report["step_records"] == 2 and report["samples"] >= 3
     assert tracker.peaks["rss_mb"] >= max(r["rss"] for r in records) / MIB
     assert set(state.extra["memory"]) <= set(tracker.peaks)
 
     # MLflow: the summary every 2nd step and at the end, the files under memory/.
     history = client.get_metric_history(run_id, "mem/rank1/rss_mb")
-    assert [m.step for m in history] == [2, 3]
+    assert [m.step for m in history] == [1, 2, 3]  # the first step, every 2nd, and the run end
     assert all(m.value > 0 for m in history)
     artifacts = {Path(f.path).name for f in client.list_artifacts(run_id, "memory")}
     assert artifacts == {"memory_timeline_rank1.jsonl", "memory_rank1.png", "memory_report_rank1.json"}

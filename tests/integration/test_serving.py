@@ -1,0 +1,344 @@
+"""The Serve app under the session's real Ray Serve, on 127.0.0.1: batching, bulk Arrow,
+backpressure, auth, health, metrics through Ray's export, fuzzing, autoscaling and a model
+update under load. Models are packaged directories (random weights, no training needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
+from runtime.preprocessing import FeatureSpec, fit
+from runtime.registry import load_model_dir, write_model_dir
+from runtime.serving import build_predictor_app
+from runtime.serving._codec import ARROW_STREAM
+from runtime.serving._deploy import run_app
+from tests.conftest import wait_for_condition
+
+pytestmark = pytest.mark.integration
+ARROW_HEADERS = {"content-type": ARROW_STREAM}
+
+
+def _model_dir(path: Path, table: pa.Table, seed: int) -> Path:
+    import torch
+
+    from runtime.models import build_model, output_dim_for
+
+    prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
+    config = {
+        "architecture": "mlp",
+        "input_dim": prep.output_dim,
+        "output_dim": output_dim_for("binary", 2),
+        "hidden": [32],
+        "task": "binary",
+        "classes": prep.classes,
+        "target_scale": [0.0, 1.0],
+        "feature_names": prep.feature_names,
+    }
+    torch.manual_seed(seed)
+    write_model_dir(path, build_model(config).state_dict(), config, prep)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
+    d = tmp_path_factory.mktemp("serving")
+    return pq.read_table(generate_synthetic(d / "d.parquet", SyntheticConfig(rows=4000, seed=11)))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, data: pa.Table) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("models")
+    return _model_dir(d / "v1", data, seed=1), _model_dir(d / "v2", data, seed=2)
+
+
+def _raw(data: pa.Table) -> pa.Table:
+    return data.drop_columns(["churned"])
+
+
+def _deploy(name: str, port: int, args: dict[str, Any], **options: Any) -> str:
+    run_app(build_predictor_app(args, options or None), name=name, route_prefix=f"/{name}")
+    endpoint = f"http://127.0.0.1:{port}/{name}"
+    wait_for_condition(lambda: httpx.get(f"{endpoint}/healthz", timeout=5).status_code == 200, timeout=60)
+    return endpoint
+
+
+def _arrow(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+async def _concurrent_posts(url: str, bodies: list[bytes], headers: dict[str, str], limit: int) -> list[httpx.Response]:
+    sem = asyncio.Semaphore(limit)
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def one(body: bytes) -> httpx.Response:
+            async with sem:
+                return await client.post(url, content=body, headers=headers)
+
+        return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+
+def test_json_requests_are_batched_and_bulk_arrow_matches_offline(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    args = {"model_uri": str(models[0]), "max_batch_size": 16, "batch_wait_timeout_s": 0.05}
+    endpoint = _deploy("batching", serve_clean, args)
+    offline = load_model_dir(models[0])
+    rows = _raw(data).slice(0, 48).to_pylist()
+    bodies = [json.dumps({"instances": [r]}).encode() for r in rows]
+    answers = asyncio.run(_concurrent_posts(f"{endpoint}/predict", bodies, {"content-type": "application/json"}, 48))
+    assert [a.status_code for a in answers] == [200] * 48
+    expected = offline.predict_table(_raw(data).slice(0, 48))
+    for i, a in enumerate(answers):  # each request got its own row back, not a neighbour's
+        body = a.json()
+        assert body["predictions"] == [expected.values[i]]
+        assert np.allclose(body["probabilities"], expected.probabilities[i : i + 1], atol=1e-6)
+    batched = [int(a.headers["x-skewless-batch-requests"]) for a in answers]
+    assert max(batched) > 1 and max(batched) <= 16  # dynamic batching happened, within its cap
+
+    bulk = _raw(data)
+    r = httpx.post(f"{endpoint}/predict", content=_arrow(bulk), headers=ARROW_HEADERS, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith(ARROW_STREAM)
+    out = pa.ipc.open_stream(r.content).read_all()
+    assert out.num_rows == bulk.num_rows
+    assert json.loads(out.schema.metadata[b"model"])["uri"] == str(models[0])
+    want = offline.predict_table(bulk)
+    assert out["prediction"].to_pylist() == want.values
+    assert np.array_equal(out[f"probability_{want.classes[1]}"].to_numpy(), want.probabilities[:, 1])
+
+    health = httpx.get(f"{endpoint}/healthz").json()
+    assert health["startup"]["load_s"] > 0 and health["startup"]["warmup_s"] >= 0
+
+
+def test_backpressure_answers_429_with_retry_after_never_hangs(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    endpoint = _deploy(
+        "backpressure",
+        serve_clean,
+        {"model_uri": str(models[0]), "max_body_bytes": 64 << 20, "max_instances": 1_000_000},
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        backpressure_config={"status_code": 429, "retry_after_s": 2},
+    )
+    big = _arrow(pa.concat_tables([_raw(data)] * 25))  # 100k rows: each call takes a while
+    t0 = time.monotonic()
+    answers = asyncio.run(_concurrent_posts(f"{endpoint}/predict", [big] * 8, ARROW_HEADERS, 8))
+    codes = Counter(a.status_code for a in answers)
+    assert set(codes) <= {200, 429} and codes[200] >= 1 and codes[429] >= 1, codes
+    assert all(a.headers.get("retry-after") == "2" for a in answers if a.status_code == 429)
+    assert time.monotonic() - t0 < 60
+
+
+def test_api_key_is_required_when_set_and_health_stays_open(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    key = "k-" + os.urandom(16).hex()
+    endpoint = _deploy(
+        "auth",
+        serve_clean,
+        {"model_uri": str(models[0]), "api_key_env": "SKEWLESS_TEST_API_KEY"},
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"SKEWLESS_TEST_API_KEY": key}}},
+    )
+    body = json.dumps({"instances": _raw(data).slice(0, 2).to_pylist()})
+    url = f"{endpoint}/predict"
+    none = httpx.post(url, content=body, headers={"content-type": "application/json"})
+    assert none.status_code == 401 and none.headers["www-authenticate"].lower().startswith("bearer")
+    assert key not in none.text
+    wrong = httpx.post(url, content=body, headers={"authorization": "Bearer nope", "content-type": "application/json"})
+    assert wrong.status_code == 401
+    ok = httpx.post(url, content=body, headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    assert ok.status_code == 200 and len(ok.json()["predictions"]) == 2
+    assert httpx.get(f"{endpoint}/healthz").status_code == 200
+
+
+_json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+_rows = st.dictionaries(
+    st.sampled_from(["tenure_months", "monthly_charges", "plan", "region", "support_calls", "x"]) | st.text(max_size=5),
+    _json_scalars | st.lists(_json_scalars, max_size=3),
+    max_size=8,
+)
+_bodies = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda rows: json.dumps({"instances": rows}).encode(), st.lists(_rows, max_size=4)),
+    st.builds(lambda v: json.dumps(v).encode(), st.recursive(_json_scalars, lambda c: st.lists(c, max_size=3))),
+    st.builds(lambda n: b"[" * n + b"]" * n, st.integers(1, 5000)),
+)
+_types = st.sampled_from(["application/json", ARROW_STREAM, "text/plain", "", "application/json; charset=latin-1"])
+
+
+def test_fuzzed_live_endpoint_never_answers_5xx_and_stays_healthy(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    endpoint = _deploy("fuzz", serve_clean, {"model_uri": str(models[0]), "max_body_bytes": 100_000})
+    before = httpx.get(f"{endpoint}/healthz").json()["replica"]["pid"]
+    statuses: Counter[int] = Counter()
+    arrow_ok = _arrow(_raw(data).slice(0, 20))
+
+    json_ok = json.dumps({"instances": _raw(data).slice(0, 3).to_pylist()}).encode()
+    offline = load_model_dir(models[0])
+    valid = st.sampled_from([(json_ok, "application/json"), (arrow_ok, ARROW_STREAM)])
+
+    def expected(body: bytes, ctype: str) -> list[Any]:
+        from runtime.serving._codec import decode_request
+
+        table = decode_request(
+            ctype, body, preprocessor=offline.preprocessor, max_body_bytes=100_000, max_instances=10_000
+        )
+        return list(offline.predict_table(table).values)
+
+    with httpx.Client(timeout=30) as client:
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(
+            case=st.tuples(_bodies | st.builds(lambda cut: arrow_ok[:cut], st.integers(0, len(arrow_ok))), _types)
+            | valid
+        )
+        def fuzz(case: tuple[bytes, str]) -> None:
+            body, ctype = case
+            headers = {"content-type": ctype} if ctype else {}
+            r = client.post(f"{endpoint}/predict", content=body, headers=headers)
+            statuses[r.status_code] += 1
+            assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+            if r.status_code != 200:
+                assert "error" in r.json()
+                return
+            # a 200 must be the right answer for what was sent
+            if r.headers["content-type"].startswith(ARROW_STREAM):
+                got = pa.ipc.open_stream(r.content).read_all()["prediction"].to_pylist()
+            else:
+                got = r.json()["predictions"]
+            assert got == expected(body, ctype)
+
+        fuzz()
+        big = client.post(f"{endpoint}/predict", content=b"x" * 200_000, headers={"content-type": "application/json"})
+        assert big.status_code == 413
+    assert statuses[200] > 0 and sum(statuses.values()) >= 150
+    health = httpx.get(f"{endpoint}/healthz")
+    assert health.status_code == 200 and health.json()["replica"]["pid"] == before  # never died
+
+
+def test_metrics_are_scrapeable_through_rays_export(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table, ray_session: Any
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    endpoint = _deploy("metrics", serve_clean, {"model_uri": str(models[0])})
+    body = json.dumps({"instances": _raw(data).slice(0, 5).to_pylist()})
+    for _ in range(5):
+        assert httpx.post(f"{endpoint}/predict", content=body, headers={"content-type": "application/json"}).is_success
+    httpx.post(f"{endpoint}/predict", content=b"{", headers={"content-type": "application/json"})
+    node = next(n for n in ray_session.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+    def scraped() -> dict[str, Any] | None:
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(url, timeout=10).text)}
+        fam = families.get("ray_skewless_serve_requests")
+        if fam is None:
+            return None
+        codes = {s.labels.get("status") for s in fam.samples if s.labels.get("application", "metrics")}
+        return families if {"200", "400"} <= codes else None
+
+    families = wait_for_condition(scraped, timeout=90, interval=2, message="skewless metrics in Ray's export")
+    names = set(families)
+    assert {"ray_skewless_serve_request_latency_seconds", "ray_skewless_serve_batch_rows"} <= names, sorted(
+        n for n in names if "skewless" in n
+    )
+
+
+def _replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments["Predictor"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def test_autoscaling_goes_up_under_load_and_back_down(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    endpoint = _deploy(
+        "autoscale",
+        serve_clean,
+        {"model_uri": str(models[0]), "max_body_bytes": 64 << 20, "max_instances": 1_000_000},
+        max_ongoing_requests=2,
+        ray_actor_options={"num_cpus": 0.25},
+        autoscaling_config={
+            "min_replicas": 1,
+            "initial_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 3,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 2,
+        },
+    )
+    big = _arrow(pa.concat_tables([_raw(data)] * 10))
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                client.post(f"{endpoint}/predict", content=big, headers=ARROW_HEADERS)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for_condition(lambda: _replicas("autoscale") >= 2, timeout=90, message="scale-up under load")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    wait_for_condition(lambda: _replicas("autoscale") == 1, timeout=120, message="scale-down after load")
+
+
+def test_model_update_under_steady_load_drops_nothing(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    endpoint = _deploy("update", serve_clean, {"model_uri": str(models[0])}, num_replicas=2)
+    body = json.dumps({"instances": _raw(data).slice(0, 3).to_pylist()})
+    seen: Counter[tuple[int, str]] = Counter()
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    r = client.post(f"{endpoint}/predict", content=body, headers={"content-type": "application/json"})
+                    uri = r.json().get("model", {}).get("uri", "") if r.status_code == 200 else r.text[:100]
+                    seen[(r.status_code, uri)] += 1
+                except httpx.HTTPError as exc:
+                    seen[(0, type(exc).__name__)] += 1
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for_condition(lambda: sum(seen.values()) > 20, timeout=30)
+        _deploy("update", serve_clean, {"model_uri": str(models[1])}, num_replicas=2)  # the new champion
+        wait_for_condition(lambda: seen[(200, str(models[1]))] > 20, timeout=120, message="new model serving")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    failed = {k: v for k, v in seen.items() if k[0] != 200}
+    assert not failed, failed
+    assert seen[(200, str(models[0]))] > 0 and seen[(200, str(models[1]))] > 0
