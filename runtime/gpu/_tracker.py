@@ -457,13 +457,42 @@ def _prometheus_gauges() -> tuple[Any, Any]:
         return _gauges
 
 
+_ray_gauges: tuple[Any, Any] | None = None
+
+
+def _ray_metric_gauges() -> tuple[Any, Any] | None:
+    """The same two gauges through ``ray.util.metrics`` when this process is a Ray worker, so
+    they are scraped from Ray's metrics export (as ``ray_skewless_memory_bytes``)."""
+    global _ray_gauges
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    with _gauges_lock:
+        if _ray_gauges is None:
+            from ray.util.metrics import Gauge
+
+            keys = ("rank", "device", "kind")
+            _ray_gauges = (
+                Gauge("skewless_memory_bytes", "Memory in bytes (host RSS/cgroup, CUDA allocator, NVML)", keys),
+                Gauge("skewless_memory_stat", "CUDA allocator retry/OOM counts and GPU utilization percent", keys),
+            )
+        return _ray_gauges
+
+
 def set_gauges(rank: int, summary: dict[str, float]) -> None:
-    """Publish a :func:`summarize` dict as gauges (device ``host`` for the host figures)."""
+    """Publish a :func:`summarize` dict as gauges (device ``host`` for the host figures):
+    on prometheus_client's default registry, and through Ray's metrics inside a Ray worker."""
     bytes_gauge, stat_gauge = _prometheus_gauges()
+    on_ray = _ray_metric_gauges()
     for key, value in summary.items():
         device, _, kind = key.rpartition("/")
         device = device or "host"
         if kind.endswith("_mb"):
-            bytes_gauge.labels(str(rank), device, kind[:-3]).set(value * MIB)
+            kind, value, gauges = kind[:-3], value * MIB, (bytes_gauge, on_ray[0] if on_ray else None)
         else:
-            stat_gauge.labels(str(rank), device, kind).set(value)
+            gauges = (stat_gauge, on_ray[1] if on_ray else None)
+        gauges[0].labels(str(rank), device, kind).set(value)
+        if gauges[1] is not None:
+            gauges[1].set(value, tags={"rank": str(rank), "device": device, "kind": kind})

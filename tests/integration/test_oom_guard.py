@@ -177,8 +177,52 @@ def test_host_oom_kill_ends_the_job_with_a_readable_cause(ray_session: Any, tmp_
     message = str(info.value)
     assert "failed on host memory" in message, message
     assert "rank 1 (pid" in message and "at step 3" in message and enforced_by in message
-    assert f"{limit >> 20:,} MiB limit" in message
+    assert f"{limit / (1 << 20):,.0f} MiB limit" in message
     diag = results / "host-oom" / "diagnostics" / "host-memory"
     assert "rank 1" in (diag / "REPORT.md").read_text()
     assert list(diag.glob("allocations-rank1-*.txt")) and list(diag.glob("stacks-rank1-*.txt"))
     assert list(diag.glob("incident-rank1-*.json"))
+
+
+class WaitForMemoryMetrics(Callback):
+    """At run end, each rank polls Ray's metrics export until its memory gauges show up."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_run_end(self, state: LoopState) -> None:
+        import time
+
+        import httpx
+        import ray
+        from prometheus_client.parser import text_string_to_metric_families
+
+        node = next(n for n in ray.nodes() if n["Alive"])
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        deadline, found = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not found:
+            for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+                if family.name == "ray_skewless_memory_bytes":
+                    found = [s for s in family.samples if s.labels.get("rank") == str(state.rank)]
+            time.sleep(1)
+        Path(f"{self.path}.rank{state.rank}").write_text(json.dumps([(s.labels, s.value) for s in found]))
+
+
+def test_per_rank_memory_reaches_mlflow_and_rays_prometheus_export(ray_session: Any, tmp_path: Path) -> None:
+    data = Path(generate_synthetic(tmp_path / "d.parquet", SyntheticConfig(rows=800, seed=2)))
+    record = tmp_path / "metrics"
+    outcome = run_training(
+        _cfg(data, "mem-metrics", 32),
+        progress=lambda m: None,
+        callbacks=[WaitForMemoryMetrics(str(record))],
+        storage_path=str(tmp_path / "results"),
+    )
+    for rank in (0, 1):
+        samples = json.loads(Path(f"{record}.rank{rank}").read_text())
+        kinds = {labels["kind"] for labels, value in samples if value > 0}
+        assert "rss" in kinds, samples
+    client = mlflow.MlflowClient()
+    for rank in (0, 1):
+        assert client.get_metric_history(outcome.run_id, f"mem/rank{rank}/rss_mb")
+    artifacts = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "memory")}
+    assert {"memory_rank0.png", "memory_rank1.png", "memory_timeline_rank1.jsonl"} <= artifacts

@@ -100,7 +100,7 @@ def test_worker_over_its_limit_is_killed_and_the_cause_is_readable(tmp_path: Pat
     assert saved["step"] == incident.step
     report = (diag / "REPORT.md").read_text()
     assert f"rank 3 (pid {worker.pid})" in report and f"at step {incident.step}" in report
-    assert f"{limit >> 20:,} MiB limit" in report
+    assert f"{limit / (1 << 20):,.0f} MiB limit" in report
 
 
 def test_step_beacon_is_shared_between_processes(tmp_path: Path) -> None:

@@ -1,0 +1,66 @@
+"""The OOM guard against a real CUDA out-of-memory (not injected): a very wide MLP under an
+allocator cap that fits a 256-row micro-batch but not 1024. The guard halves twice, writes a
+bundle with an allocator snapshot, and the step's result matches a run started at 256."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _setup(tmp_path: Path, micro: int) -> tuple[object, ...]:
+    from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
+    from runtime.models import build_model, output_dim_for
+    from runtime.preprocessing import FeatureSpec, fit
+    from runtime.training._events import LoopState
+
+    table = pq.read_table(generate_synthetic(tmp_path / "d.parquet", SyntheticConfig(rows=1024, seed=1)))
+    prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
+    torch.manual_seed(0)
+    config = {"architecture": "mlp", "input_dim": prep.output_dim, "output_dim": output_dim_for("binary", 2)}
+    # activations dominate (~1 MiB a row): memory grows with the micro-batch, not the weights
+    model = build_model({**config, "hidden": [65536], "task": "binary"}).cuda()
+    state = LoopState(rank=0, world_size=1, epochs=1, batch_size=1024, micro_batch_size=micro)
+    state.model, state.optimizer = model, torch.optim.SGD(model.parameters(), lr=1e-3)
+    return table, prep, state
+
+
+def test_real_oom_is_survived_with_the_same_result(tmp_path: Path) -> None:
+    from runtime.gpu._oom import OomGuard
+    from runtime.training._events import CallbackList
+    from runtime.training._loop import _loss_fn, guarded_step, micro_batch_agreement
+
+    device = torch.device("cuda")
+    table, prep, reference = _setup(tmp_path, 256)
+    guarded_step(reference, table, prep, _loss_fn("binary"), "binary", (0.0, 1.0), device, "fp32",
+                 CallbackList([]), micro_batch_agreement(1))  # fmt: skip
+    want = [p.detach().clone() for p in reference.model.parameters()]
+    peak_256 = torch.cuda.max_memory_allocated()
+    del reference
+    torch.cuda.empty_cache()
+
+    table, prep, state = _setup(tmp_path, 1024)
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = peak_256 * 1.3  # room for 256-row activations, not 512
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        guard = OomGuard(str(tmp_path / "diagnostics"))
+        callbacks = CallbackList([guard])
+        callbacks.on_run_start(state)
+        guarded_step(state, table, prep, _loss_fn("binary"), "binary", (0.0, 1.0), device, "fp32",
+                     callbacks, micro_batch_agreement(1))  # fmt: skip
+        callbacks.on_run_end(state)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert state.micro_batch_size == 256
+    assert len(guard.bundles) == 2  # 1024 -> 512 -> 256
+    bundle = Path(guard.bundles[0])
+    assert (bundle / "memory_snapshot.pickle").stat().st_size > 0
+    assert "CUDA out of memory" in (bundle / "REPORT.md").read_text()
+    for got, ref in zip(state.model.parameters(), want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # same micro-batches; GPU kernels may differ
