@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import threading
@@ -133,6 +134,10 @@ class OomGuard(Callback):
         if self._events <= MAX_BUNDLES_PER_RANK or after == 0:
             bundle = self.write_bundle(state, error, reason, before, after)
         state.micro_batch_size = after
+        if self._thrash is not None:  # judge the new micro-batch on its own steps
+            from runtime.gpu._tracker import ThrashDetector
+
+            self._thrash = ThrashDetector(self.thrash_window)
         events = state.extra.setdefault("oom_events", [])
         events.append({"step": state.step, "reason": reason, "micro_batch": [before, after], "bundle": bundle})
         if bundle:
@@ -161,7 +166,13 @@ class OomGuard(Callback):
             except Exception as exc:  # a failing bundle must not hide the OOM itself
                 (local / "BUNDLE_ERROR.txt").write_text(traceback.format_exc())
                 logger.warning("diagnostics bundle incomplete: %s", exc)
-            target = _copy_out(local, self.diagnostics_dir, name)
+            try:
+                target = _copy_out(local, self.diagnostics_dir, name)
+            except Exception as exc:  # storage unreachable: keep a local copy, keep recovering
+                kept = Path(tempfile.gettempdir()) / "skewless-diagnostics" / name
+                shutil.copytree(local, kept, dirs_exist_ok=True)
+                target = str(kept)
+                logger.warning("diagnostics not copied to %s (%s); kept at %s", self.diagnostics_dir, exc, kept)
             if self.mlflow_run_id:
                 try:
                     import mlflow

@@ -262,8 +262,12 @@ class HostMemoryWatchdog:
             assert self.memory_limit_bytes is not None
             cgroup = try_create_limited_cgroup(f"{self.cgroup_name}-rank{rank}-{pid}", self.memory_limit_bytes)
             if cgroup is not None:
-                cgroup.add(pid)
-                self.cgroups[pid] = cgroup
+                try:
+                    cgroup.add(pid)
+                    self.cgroups[pid] = cgroup
+                except OSError as exc:  # e.g. across a delegation boundary: watch without it
+                    logger.warning("rank %d (pid %d) not moved into %s: %s", rank, pid, cgroup.path, exc)
+                    cgroup.remove()
         w = _Watched(rank=rank, pid=pid, beacon=beacon, dumps=dumps)
         cg = cgroup_memory(pid)
         if cg is not None:
@@ -287,8 +291,7 @@ class HostMemoryWatchdog:
             self._thread.join(timeout=5)
         self.poll()  # a worker that died just before stop still gets its incident
         for pid, cgroup in list(self.cgroups.items()):
-            if _alive(pid):
-                continue  # still running (the job outlives us?): leave it its limit
+            # remove() moves a still-exiting worker back to the parent first
             try:
                 cgroup.remove()
                 del self.cgroups[pid]
@@ -362,12 +365,17 @@ class HostMemoryWatchdog:
         w.last_usage, w.last_limit, w.limit_source = reading.usage, reading.limit, reading.source
 
     def _incident(self, w: _Watched) -> None:
-        oom = False
-        if w.cgroup_path is not None or w.pid in self.cgroups:
-            cg = self.cgroups[w.pid].read() if w.pid in self.cgroups else _read_cgroup_at(w.cgroup_path)
+        own = w.pid in self.cgroups  # its own cgroup: its counters are about it alone
+        killed_in_cgroup = False
+        if own or w.cgroup_path is not None:
+            cg = self.cgroups[w.pid].read() if own else _read_cgroup_at(w.cgroup_path)
             if cg is not None and cg.oom_kills is not None:
-                oom = cg.oom_kills > (w.oom_kills_before or 0)
-        near = w.last_limit and w.last_usage / w.last_limit >= self.soft_fraction
+                killed_in_cgroup = cg.oom_kills > (w.oom_kills_before or 0)
+        near = bool(w.last_limit) and w.last_usage / w.last_limit >= self.soft_fraction
+        # In a shared cgroup (or against the node) a kill may have been a neighbour's, and
+        # high usage may be anyone's: claim an OOM for this worker only with both signs.
+        oom = killed_in_cgroup if own else (killed_in_cgroup and near)
+        near = near and (own or self.enforces_limit)
         if w.killed_by_watchdog:
             oom, cause = True, "was killed by the watchdog at its memory limit (SIGKILL, exit code 137)"
         elif oom:
@@ -508,8 +516,8 @@ class WatchdogClient(Callback):
             actor = ray.get_actor(name)
             limit = str(ray.get(actor.register.remote(state.rank, os.getpid(), self.beacon.path, dumps), timeout=30))
             logger.info("rank %d watched by the host-memory watchdog against %s", state.rank, limit)
-        except ValueError:
-            logger.warning("no host-memory watchdog %r on this node; host OOMs will not be diagnosed", name)
+        except Exception as exc:  # no actor, or it failed: train on, undiagnosed
+            logger.warning("host-memory watchdog %r unavailable (%s); host OOMs will not be diagnosed", name, exc)
 
     def on_step_end(self, state: LoopState) -> None:
         if self.beacon is not None:

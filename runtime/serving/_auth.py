@@ -37,6 +37,18 @@ class ApiKeyAuth:
             return cls(None)
         return cls(_checked(value, f"${api_key_env}"))
 
+    @classmethod
+    def for_app(cls, api_key: str | None, api_key_env: str | None) -> ApiKeyAuth:
+        """:meth:`from_config` for a Serve app's args: a configured ``api_key_env`` that is not
+        set is an error, not an open endpoint."""
+        auth = cls.from_config(api_key, api_key_env)
+        if api_key_env and not auth.enabled:
+            raise ConfigError(
+                f"api_key_env: ${api_key_env} is not set in this replica's environment; set it in the "
+                "Serve config's runtime_env (env_vars) or on every node, or remove api_key_env"
+            )
+        return auth
+
     @property
     def enabled(self) -> bool:
         return self._key is not None

@@ -211,10 +211,10 @@ def _decode_arrow(body: bytes, preprocessor: FittedPreprocessor, max_instances: 
         table.validate(full=True)  # offsets, UTF-8: the client's bytes are not trusted
     except (pa.ArrowException, ValueError, OSError) as exc:
         raise _malformed(exc) from None
-    return _conform(table, preprocessor.input_schema)
+    return _conform(table, preprocessor.input_schema, max_decoded)
 
 
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+def _conform(table: pa.Table, schema: pa.Schema, max_decoded: int | None = None) -> pa.Table:
     """The schema's columns in its order and types; lossless casts only; extra columns dropped."""
     columns = []
     for field in schema:
@@ -224,9 +224,36 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
             raise HttpError(422, field.name, None, rule)
         column = table.column(found[0])
         if column.type != field.type:
+            if max_decoded is not None:
+                _check_expansion(column, field, max_decoded)
             column = _cast(column, field)
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _expanded_bytes(column: pa.ChunkedArray) -> int:
+    """Bytes of string data ``column`` holds once cast to plain strings: a dictionary or view
+    column can reference one long value from every row (a small body, a huge cast)."""
+    import pyarrow.compute as pc
+
+    total = 0
+    for chunk in column.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            if not (pa.types.is_string(chunk.type.value_type) or pa.types.is_binary(chunk.type.value_type)):
+                continue
+            lengths = pc.binary_length(chunk.dictionary)
+            total += int(pc.sum(pc.take(lengths, chunk.indices)).as_py() or 0)
+        elif pa.types.is_string_view(chunk.type) or pa.types.is_binary_view(chunk.type):
+            total += int(pc.sum(pc.binary_length(chunk)).as_py() or 0)
+    return total
+
+
+def _check_expansion(column: pa.ChunkedArray, field: pa.Field, max_decoded: int) -> None:
+    size = _expanded_bytes(column)
+    if size > max_decoded:
+        raise HttpError(
+            413, field.name, size, f"the column's values would decode to more than {max_decoded} bytes; send less"
+        )
 
 
 def _castable(t: pa.DataType, target: pa.DataType) -> bool:

@@ -14,13 +14,14 @@ PREDICTOR_IMPORT_PATH = "serve_apps.predictor:app"
 
 
 def validate_serve_config(
-    config: dict[str, Any], source: str, gpu_total_bytes: int | None = None, gpus: int = 1
+    config: dict[str, Any], source: str, gpu_total_bytes: int | None = None, gpus: int | None = None
 ) -> Any:
     """Ray's own schema first, then skewless's args for each predictor application, then
     whether fractional-GPU replicas fit their GPU (before anything starts).
 
     ``gpu_total_bytes`` is one GPU's memory; by default the first GPU NVML sees here. With
-    neither, only Ray's own rules apply to ``num_gpus``.
+    neither, only Ray's own rules apply to ``num_gpus``. ``gpus`` is the cluster's GPU count;
+    unknown (the default), only each replica's fit in its share is checked.
     """
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
@@ -44,7 +45,8 @@ def validate_serve_config(
             from runtime.gpu import check_packing
 
             try:
-                check_packing(demands, total, devices=gpus)
+                # unknown GPU count: enough GPUs that only each replica's own fit can fail
+                check_packing(demands, total, devices=gpus or sum(d.num_replicas for d in demands))
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
     return schema
@@ -58,7 +60,8 @@ def _gpu_demand(app: str, dep: Any, args: ServeAppArgs) -> Any:
     if gpus <= 0:
         return None
     autoscaling = fields.get("autoscaling_config") or {}
-    replicas = int(autoscaling.get("max_replicas") or fields.get("num_replicas") or 1)
+    count = fields.get("num_replicas")
+    replicas = int(autoscaling.get("max_replicas") or (count if isinstance(count, int) else 1))
     return ReplicaDemand(f"{app}/{dep.name}", replicas, gpus, declared_bytes=args.gpu_memory_bytes)
 
 

@@ -57,7 +57,7 @@ class Predictor:
 
         t0 = time.perf_counter()
         self.args = load_config(ServeAppArgs, args)
-        self.auth = ApiKeyAuth.from_config(self.args.api_key, self.args.api_key_env)
+        self.auth = ApiKeyAuth.for_app(self.args.api_key, self.args.api_key_env)
         self.budget = self._apply_gpu_budget()
         ref, self.model = registry.load(self.args.model_uri, self.args.allow_fingerprint_mismatch)
         self.identity = {
@@ -159,10 +159,7 @@ class Predictor:
         if request.method != "POST":
             raise HttpError(405, None, request.method, f"POST {PREDICT}")
         self.auth.check(request.headers.get("authorization"))
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.args.max_body_bytes:
-            raise HttpError(413, "body", int(declared), f"request body at most {self.args.max_body_bytes} bytes")
-        body = await request.body()
+        body = await self._read_body(request)
         content_type = request.headers.get("content-type")
         arrow = is_arrow(content_type)
         headers: dict[str, str] = {}
@@ -174,10 +171,22 @@ class Predictor:
             if isinstance(preds, HttpError):
                 raise preds
             headers["x-skewless-batch-requests"] = str(batched)
-        if self.metrics is not None:
-            self.metrics.observe_batch(table, preds)
         out, media = encode_response(preds, self.identity, arrow=arrow)
         return Response(out, media_type=media, headers=headers)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it passes the limit (chunked bodies too)."""
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HttpError(413, "body", int(declared), f"request body at most {limit} bytes")
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, "body", size, f"request body at most {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
 
     def _decode(self, content_type: str | None, body: bytes) -> pa.Table:
         return decode_request(
@@ -189,10 +198,14 @@ class Predictor:
         )
 
     def _predict(self, table: pa.Table) -> Any:
+        """One model call (per batch of requests, or per Arrow body), observed by the metrics."""
         try:
-            return self.model.predict_table(table)
+            preds = self.model.predict_table(table)
         except SchemaValidationError as exc:
             raise HttpError.from_schema_error(exc) from None
+        if self.metrics is not None:
+            self.metrics.observe_batch(table, preds)
+        return preds
 
     def _decode_and_predict(self, content_type: str | None, body: bytes) -> tuple[pa.Table, Any]:
         table = self._decode(content_type, body)

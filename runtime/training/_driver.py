@@ -259,7 +259,7 @@ def run_training(
                 raise TrainingError(
                     f"training run {run_id} failed on host memory: "
                     + "; ".join(i["summary"] for i in incidents)
-                    + f". Diagnostics (stack and allocation dumps, REPORT.md): {host_diag}"
+                    + f". Diagnostics (stack and allocation dumps, REPORT.md): {host_diag}. Ray reported: {exc}"
                 ) from exc
             raise TrainingError(f"training run {run_id} failed: {exc}") from exc
         finally:

@@ -183,8 +183,16 @@ def guarded_step(
         if agreed < state.micro_batch_size:
             state.micro_batch_size = agreed  # another rank shrank: accumulate the same way
             stale = True
-    sync_gradients(state.model, state.world_size)
-    state.optimizer.step()
+    try:
+        sync_gradients(state.model, state.world_size)
+        state.optimizer.step()
+    except torch.cuda.OutOfMemoryError as exc:
+        # Not a micro-batch matter (the gradient buffer, the optimizer's state): no retry.
+        raise TrainingError(
+            f"rank {state.rank} ran out of GPU memory in the gradient all-reduce or the optimizer step "
+            f"(step {state.step}); a smaller micro-batch cannot help: use a smaller model, a lighter "
+            "optimizer, bf16, or a larger GPU"
+        ) from exc
     return total
 
 
@@ -300,7 +308,8 @@ def default_callbacks(config: dict[str, Any]) -> list[Callback]:
     if memory.get("oom_guard", False):
         from runtime.gpu._oom import OomGuard
 
-        context = {k: v for k, v in config.items() if k not in ("callbacks", "preprocessor")}
+        # no tracking URI in the bundle: it may carry credentials
+        context = {k: v for k, v in config.items() if k not in ("callbacks", "preprocessor", "tracking_uri")}
         callbacks.append(
             OomGuard(
                 memory.get("diagnostics_dir") or tempfile.mkdtemp(prefix="skewless-diagnostics-"),

@@ -79,3 +79,12 @@ def test_health_paths_stay_open() -> None:
         assert ApiKeyAuth.is_open_path(path)
     for path in ("/predict", "/", "/healthzz", "/-/other"):
         assert not ApiKeyAuth.is_open_path(path)
+
+
+def test_a_configured_key_variable_that_is_missing_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SKEWLESS_MISSING_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"\$SKEWLESS_MISSING_KEY is not set"):
+        ApiKeyAuth.for_app(None, "SKEWLESS_MISSING_KEY")
+    assert not ApiKeyAuth.for_app(None, None).enabled  # nothing configured: off, as documented
+    monkeypatch.setenv("SKEWLESS_MISSING_KEY", "k" * 32)
+    assert ApiKeyAuth.for_app(None, "SKEWLESS_MISSING_KEY").enabled

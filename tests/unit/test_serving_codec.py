@@ -248,6 +248,23 @@ def test_a_compressed_stream_that_expands_past_the_limit_is_413_before_decoding(
     assert (err.status, err.field) == (413, "body") and err.value > 4 * 256_000  # stopped at the first batch over
 
 
+def test_a_dictionary_column_that_would_expand_past_the_limit_is_413_before_the_cast(
+    prep: FittedPreprocessor,
+) -> None:
+    n = 1000
+    string_field = next(f for f in prep.input_schema if pa.types.is_string(f.type))
+    columns = {}
+    for f in prep.input_schema:
+        if f.name == string_field.name:  # one 100 kB value, referenced from every row: 100 MB once cast
+            columns[f.name] = pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), pa.array(["v" * 100_000]))
+        else:
+            columns[f.name] = pa.array([1.0] * n) if f.type == pa.float64() else pa.array(["a"] * n)
+    body = ipc(pa.table(columns))
+    assert len(body) < 2_000_000
+    err = error(prep, ARROW_STREAM, body, max_body_bytes=2_000_000, max_instances=10_000)
+    assert (err.status, err.field) == (413, string_field.name) and err.value == n * 100_000
+
+
 # --------------------------------------------------------------------------- properties: never a 5xx
 
 json_scalars = (
