@@ -39,7 +39,7 @@ BLOCK = 25
 def _setup(device: str, batch: int, hidden: list[int]) -> dict[str, Any]:
     import torch
 
-    from runtime.models import build_model, output_dim_for
+    from runtime.models import build_model, mlp_config
     from runtime.training._events import LoopState
     from runtime.training._loop import _loss_fn
 
@@ -47,15 +47,7 @@ def _setup(device: str, batch: int, hidden: list[int]) -> dict[str, Any]:
     table = pq.read_table(generate_synthetic(tmp / "d.parquet", SyntheticConfig(rows=batch * 8, seed=1)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
     torch.manual_seed(0)
-    model = build_model(
-        {
-            "architecture": "mlp",
-            "input_dim": prep.output_dim,
-            "output_dim": output_dim_for("binary", 2),
-            "hidden": hidden,
-            "task": "binary",
-        }
-    ).to(device)
+    model = build_model(mlp_config(prep, "binary", hidden)).to(device)
     state = LoopState(rank=0, world_size=1, epochs=1, batch_size=batch, micro_batch_size=batch)
     state.model, state.optimizer = model, torch.optim.AdamW(model.parameters(), lr=1e-3)
     return {"tmp": tmp, "table": table, "prep": prep, "state": state, "loss": _loss_fn("binary")}

@@ -63,22 +63,13 @@ def make_model_dir(workdir: Path, fit_rows: int = 20_000, hidden: Sequence[int] 
     import torch
 
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
-    from runtime.models import build_model, output_dim_for
+    from runtime.models import build_model, mlp_config
     from runtime.preprocessing import FeatureSpec, fit
     from runtime.registry import write_model_dir
 
     table = pq.read_table(generate_synthetic(workdir / "data.parquet", SyntheticConfig(rows=fit_rows, seed=7)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec("binary")), table)
-    config = {
-        "architecture": "mlp",
-        "input_dim": prep.output_dim,
-        "output_dim": output_dim_for("binary", 2),
-        "hidden": list(hidden),
-        "task": "binary",
-        "classes": prep.classes,
-        "target_scale": [0.0, 1.0],
-        "feature_names": prep.feature_names,
-    }
+    config = mlp_config(prep, "binary", hidden)
     torch.manual_seed(0)
     model_dir = write_model_dir(workdir / "model", build_model(config).state_dict(), config, prep)
     return model_dir, table.select(prep.input_schema.names)

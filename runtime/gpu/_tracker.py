@@ -438,61 +438,47 @@ def plot_timeline(timeline: Path, png: Path, rank: int, max_points: int = 20_000
 
 # ---------------------------------------------------------------- Prometheus
 
-_gauges: tuple[Any, Any] | None = None
+_GAUGES = (
+    ("skewless_memory_bytes", "Memory in bytes (host RSS/cgroup, CUDA allocator, NVML)"),
+    ("skewless_memory_stat", "CUDA allocator retry/OOM counts and GPU utilization percent"),
+)
+_LABELS = ("rank", "device", "kind")
+_gauges: dict[str, tuple[Any, Any]] = {}  # backend -> (bytes gauge, stat gauge), created once
 _gauges_lock = threading.Lock()
 
 
-def _prometheus_gauges() -> tuple[Any, Any]:
-    """The two gauges, registered once per process on prometheus_client's default registry."""
-    global _gauges
+def _gauge_pair(backend: str) -> tuple[Any, Any]:
     with _gauges_lock:
-        if _gauges is None:
-            from prometheus_client import Gauge
+        if backend not in _gauges:
+            if backend == "ray":
+                from ray.util.metrics import Gauge as RayGauge
 
-            labels = ("rank", "device", "kind")
-            _gauges = (
-                Gauge("skewless_memory_bytes", "Memory in bytes (host RSS/cgroup, CUDA allocator, NVML)", labels),
-                Gauge("skewless_memory_stat", "CUDA allocator retry/OOM counts and GPU utilization percent", labels),
-            )
-        return _gauges
+                _gauges[backend] = tuple(RayGauge(n, doc, _LABELS) for n, doc in _GAUGES)  # type: ignore[assignment]
+            else:
+                from prometheus_client import Gauge
 
-
-_ray_gauges: tuple[Any, Any] | None = None
+                _gauges[backend] = tuple(Gauge(n, doc, _LABELS) for n, doc in _GAUGES)  # type: ignore[assignment]
+        return _gauges[backend]
 
 
-def _ray_metric_gauges() -> tuple[Any, Any] | None:
-    """The same two gauges through ``ray.util.metrics`` when this process is a Ray worker, so
-    they are scraped from Ray's metrics export (as ``ray_skewless_memory_bytes``)."""
-    global _ray_gauges
+def _in_ray_worker() -> bool:
     import sys
 
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return None
-    with _gauges_lock:
-        if _ray_gauges is None:
-            from ray.util.metrics import Gauge
-
-            keys = ("rank", "device", "kind")
-            _ray_gauges = (
-                Gauge("skewless_memory_bytes", "Memory in bytes (host RSS/cgroup, CUDA allocator, NVML)", keys),
-                Gauge("skewless_memory_stat", "CUDA allocator retry/OOM counts and GPU utilization percent", keys),
-            )
-        return _ray_gauges
+    return ray is not None and bool(ray.is_initialized())
 
 
 def set_gauges(rank: int, summary: dict[str, float]) -> None:
     """Publish a :func:`summarize` dict as gauges (device ``host`` for the host figures):
     on prometheus_client's default registry, and through Ray's metrics inside a Ray worker."""
-    bytes_gauge, stat_gauge = _prometheus_gauges()
-    on_ray = _ray_metric_gauges()
+    local = _gauge_pair("prometheus")
+    on_ray = _gauge_pair("ray") if _in_ray_worker() else None
     for key, value in summary.items():
         device, _, kind = key.rpartition("/")
         device = device or "host"
-        if kind.endswith("_mb"):
-            kind, value, gauges = kind[:-3], value * MIB, (bytes_gauge, on_ray[0] if on_ray else None)
-        else:
-            gauges = (stat_gauge, on_ray[1] if on_ray else None)
-        gauges[0].labels(str(rank), device, kind).set(value)
-        if gauges[1] is not None:
-            gauges[1].set(value, tags={"rank": str(rank), "device": device, "kind": kind})
+        which = 0 if kind.endswith("_mb") else 1
+        if which == 0:
+            kind, value = kind[:-3], value * MIB
+        local[which].labels(str(rank), device, kind).set(value)
+        if on_ray is not None:
+            on_ray[which].set(value, tags={"rank": str(rank), "device": device, "kind": kind})

@@ -38,7 +38,6 @@ import struct
 import sys
 import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,12 +125,9 @@ def install_worker_side(dump_dir: str | Path, rank: int) -> dict[str, str]:
 
 
 def python_stacks() -> str:
-    names = {t.ident: t.name for t in threading.enumerate()}
-    out = ["# python stacks"]
-    for ident, frame in sys._current_frames().items():
-        out.append(f"--- thread {names.get(ident, '?')} ({ident})")
-        out.append("".join(traceback.format_stack(frame)))
-    return "\n".join(out)
+    from runtime.gpu._oom import all_thread_stacks
+
+    return "# python stacks\n" + all_thread_stacks()
 
 
 def largest_allocations_report(top: int = 15) -> str:

@@ -6,6 +6,7 @@ travels in the model artifact beside the safetensors weights, so loading never u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,7 +14,15 @@ from torch import nn
 
 from runtime.models._transformer import CharTransformerLM, flops_per_token, num_parameters
 
-__all__ = ["MLP", "CharTransformerLM", "build_model", "flops_per_token", "num_parameters", "output_dim_for"]
+__all__ = [
+    "MLP",
+    "CharTransformerLM",
+    "build_model",
+    "flops_per_token",
+    "mlp_config",
+    "num_parameters",
+    "output_dim_for",
+]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -52,6 +61,30 @@ def output_dim_for(task: str, num_classes: int | None) -> int:
             raise ValueError(f"multiclass needs >= 2 classes, got {num_classes}")
         return num_classes
     return 1
+
+
+def mlp_config(
+    prep: Any,
+    task: str,
+    hidden: Sequence[int],
+    dropout: float = 0.0,
+    activation: str = "relu",
+    target_scale: Sequence[float] = (0.0, 1.0),
+) -> dict[str, Any]:
+    """The artifact config of an MLP over a fitted preprocessor's features (what
+    :func:`build_model` and the packaged model read back)."""
+    return {
+        "architecture": "mlp",
+        "input_dim": prep.output_dim,
+        "output_dim": output_dim_for(task, len(prep.classes) if prep.classes else None),
+        "hidden": list(hidden),
+        "dropout": dropout,
+        "activation": activation,
+        "task": task,
+        "classes": prep.classes,
+        "target_scale": list(target_scale),
+        "feature_names": prep.feature_names,
+    }
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:

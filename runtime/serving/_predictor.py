@@ -164,7 +164,7 @@ class Predictor:
         arrow = is_arrow(content_type)
         headers: dict[str, str] = {}
         if arrow:  # bulk: decode, transform and predict off the event loop
-            table, preds = await asyncio.to_thread(self._decode_and_predict, content_type, body)
+            preds = await asyncio.to_thread(self._decode_and_predict, content_type, body)
         else:
             table = self._decode(content_type, body)
             preds, batched = await self._batched_predict(table)
@@ -207,9 +207,8 @@ class Predictor:
             self.metrics.observe_batch(table, preds)
         return preds
 
-    def _decode_and_predict(self, content_type: str | None, body: bytes) -> tuple[pa.Table, Any]:
-        table = self._decode(content_type, body)
-        return table, self._predict(table)
+    def _decode_and_predict(self, content_type: str | None, body: bytes) -> Any:
+        return self._predict(self._decode(content_type, body))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _batched_predict(self, tables: list[pa.Table]) -> list[tuple[Any, int]]:

@@ -22,13 +22,13 @@ from runtime.cluster import check_placeable, connect, cpus_for
 from runtime.config import TrainJobConfig
 from runtime.data import dataset_fingerprint
 from runtime.errors import ConfigError, FingerprintMismatchError, SkewlessError, TrainingError
-from runtime.models import output_dim_for
+from runtime.models import mlp_config
 from runtime.preprocessing import FeatureSpec, FittedPreprocessor, fit
 from runtime.training._events import Callback
 from runtime.training._ingest import (
     HOLDOUT_SAMPLE_ROWS,
+    driver_batches,
     fit_pass,
-    holdout_batches,
     ingest_options,
     open_split,
 )
@@ -65,7 +65,7 @@ class HoldoutStream:
     def __iter__(self) -> Iterator[pa.Table]:
         first = self._passes == 0
         self._passes += 1
-        for batch in holdout_batches(self.dataset(), self.uri):
+        for batch in driver_batches(self.dataset(), self.uri):
             if first:
                 kept = sum(t.num_rows for t in self._head)
                 if kept < HOLDOUT_SAMPLE_ROWS:
@@ -79,7 +79,7 @@ class HoldoutStream:
 
     @property
     def sample(self) -> pa.Table:
-        head = self._head or list(holdout_batches(self.dataset().limit(HOLDOUT_SAMPLE_ROWS), self.uri))
+        head = self._head or list(driver_batches(self.dataset().limit(HOLDOUT_SAMPLE_ROWS), self.uri))
         if not head:
             raise ConfigError(f"data.holdout_fraction: no holdout rows in {self.uri!r}; raise it or add data")
         return pa.concat_tables(head)
@@ -155,18 +155,7 @@ def run_training(
     if task == "regression":
         y = prep.transform_label(fitted.sample).astype(np.float64)
         target_scale = (float(y.mean()), float(y.std() or 1.0))
-    model_config: dict[str, Any] = {
-        "architecture": "mlp",
-        "input_dim": prep.output_dim,
-        "output_dim": output_dim_for(task, len(prep.classes) if prep.classes else None),
-        "hidden": list(cfg.model.hidden),
-        "dropout": cfg.model.dropout,
-        "activation": cfg.model.activation,
-        "task": task,
-        "classes": prep.classes,
-        "target_scale": list(target_scale),
-        "feature_names": prep.feature_names,
-    }
+    model_config = mlp_config(prep, task, cfg.model.hidden, cfg.model.dropout, cfg.model.activation, target_scale)
 
     name = cfg.registry.model_name
     experiment_id = registry.ensure_experiment(cfg.registry.experiment or name)

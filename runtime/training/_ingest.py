@@ -58,26 +58,20 @@ def read_dataset(uri: str, fmt: str | None) -> ray.data.Dataset:
         ctx.use_datasource_v2 = previous
 
 
-def split_datasets(
-    ds: ray.data.Dataset, columns: list[str], fraction: float, seed: int
-) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(train, holdout): two lazy filters over ``ds`` by :func:`split_unit`."""
-    side = partial(split_side, columns=columns, fraction=fraction, seed=seed)
-    train = ds.map_batches(partial(side, holdout=False), batch_format="pyarrow", batch_size=None)
-    holdout = ds.map_batches(partial(side, holdout=True), batch_format="pyarrow", batch_size=None)
-    return train, holdout
-
-
 def open_split(
     uri: str, fmt: str | None, columns: list[str], fraction: float, seed: int
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """Fresh lazy (train, holdout) datasets over the files.
+    """Fresh lazy (train, holdout) datasets over the files: two filters by :func:`split_unit`.
 
     Fresh for each consumer: Ray Train configures the datasets it is given for its workers
     (resource limits net of the workers' reservation), which then starves a later pass on
     the driver over the same objects.
     """
-    return split_datasets(read_dataset(uri, fmt), columns, fraction, seed)
+    ds = read_dataset(uri, fmt)
+    side = partial(split_side, columns=columns, fraction=fraction, seed=seed)
+    train = ds.map_batches(partial(side, holdout=False), batch_format="pyarrow", batch_size=None)
+    holdout = ds.map_batches(partial(side, holdout=True), batch_format="pyarrow", batch_size=None)
+    return train, holdout
 
 
 class BottomK:
@@ -125,7 +119,7 @@ def fit_pass(
     """Stream the training split once: its row count and a bottom-k sample of it."""
     sampler = BottomK(sample_rows)
     rows = 0
-    for batch in _driver_batches(train, uri):
+    for batch in driver_batches(train, uri):
         sampler.add(batch, split_unit(batch, columns, seed + 1))
         rows += batch.num_rows
         if rows % (DRIVER_BATCH_ROWS * 16) < batch.num_rows:
@@ -138,7 +132,7 @@ def fit_pass(
     return FitPass(sample=sample, train_rows=rows)
 
 
-def _driver_batches(ds: ray.data.Dataset, uri: str) -> Iterator[pa.Table]:
+def driver_batches(ds: ray.data.Dataset, uri: str) -> Iterator[pa.Table]:
     """Batches of ``ds`` on the driver, with read failures turned into a ``DataError``."""
     try:
         yield from ds.iter_batches(batch_size=DRIVER_BATCH_ROWS, batch_format="pyarrow", prefetch_batches=1)
@@ -154,10 +148,6 @@ def _driver_batches(ds: ray.data.Dataset, uri: str) -> Iterator[pa.Table]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
-
-
-def holdout_batches(holdout: ray.data.Dataset, uri: str) -> Iterator[pa.Table]:
-    return _driver_batches(holdout, uri)
 
 
 def ingest_options() -> Any:

@@ -24,7 +24,7 @@ pytestmark = [
 
 def test_four_quarter_gpu_replicas_stay_inside_their_budgets(serve_clean: int, tmp_path: Path) -> None:
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
-    from runtime.models import build_model, output_dim_for
+    from runtime.models import build_model, mlp_config
     from runtime.preprocessing import FeatureSpec, fit
     from runtime.registry import write_model_dir
     from runtime.serving import build_predictor_app
@@ -32,16 +32,7 @@ def test_four_quarter_gpu_replicas_stay_inside_their_budgets(serve_clean: int, t
 
     table = pq.read_table(generate_synthetic(tmp_path / "d.parquet", SyntheticConfig(rows=5000, seed=1)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
-    config = {
-        "architecture": "mlp",
-        "input_dim": prep.output_dim,
-        "output_dim": output_dim_for("binary", 2),
-        "hidden": [4096, 4096],
-        "task": "binary",
-        "classes": prep.classes,
-        "target_scale": [0.0, 1.0],
-        "feature_names": prep.feature_names,
-    }
+    config = mlp_config(prep, "binary", [4096, 4096])
     write_model_dir(tmp_path / "m", build_model(config).state_dict(), config, prep)
     options = {"num_replicas": 4, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25}}
     run_app(build_predictor_app({"model_uri": str(tmp_path / "m")}, options), name="quarters", route_prefix="/q")

@@ -15,16 +15,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _setup(tmp_path: Path, micro: int) -> tuple[object, ...]:
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
-    from runtime.models import build_model, output_dim_for
+    from runtime.models import build_model, mlp_config
     from runtime.preprocessing import FeatureSpec, fit
     from runtime.training._events import LoopState
 
     table = pq.read_table(generate_synthetic(tmp_path / "d.parquet", SyntheticConfig(rows=1024, seed=1)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
     torch.manual_seed(0)
-    config = {"architecture": "mlp", "input_dim": prep.output_dim, "output_dim": output_dim_for("binary", 2)}
     # activations dominate (~1 MiB a row): memory grows with the micro-batch, not the weights
-    model = build_model({**config, "hidden": [65536], "task": "binary"}).cuda()
+    model = build_model(mlp_config(prep, "binary", [65536])).cuda()
     state = LoopState(rank=0, world_size=1, epochs=1, batch_size=1024, micro_batch_size=micro)
     state.model, state.optimizer = model, torch.optim.SGD(model.parameters(), lr=1e-3)
     return table, prep, state

@@ -36,19 +36,10 @@ ARROW_HEADERS = {"content-type": ARROW_STREAM}
 def _model_dir(path: Path, table: pa.Table, seed: int) -> Path:
     import torch
 
-    from runtime.models import build_model, output_dim_for
+    from runtime.models import build_model, mlp_config
 
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
-    config = {
-        "architecture": "mlp",
-        "input_dim": prep.output_dim,
-        "output_dim": output_dim_for("binary", 2),
-        "hidden": [32],
-        "task": "binary",
-        "classes": prep.classes,
-        "target_scale": [0.0, 1.0],
-        "feature_names": prep.feature_names,
-    }
+    config = mlp_config(prep, "binary", [32])
     torch.manual_seed(seed)
     write_model_dir(path, build_model(config).state_dict(), config, prep)
     return path

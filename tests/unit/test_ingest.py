@@ -77,23 +77,14 @@ def test_streamed_evaluation_equals_whole_table(tmp_path: Path, table: pa.Table)
     import torch
 
     from runtime.data import synthetic_feature_spec
-    from runtime.models import build_model, output_dim_for
+    from runtime.models import build_model, mlp_config
     from runtime.preprocessing import FeatureSpec, fit
     from runtime.registry import load_model_dir, write_model_dir
     from runtime.training import evaluate
 
     spec = FeatureSpec.model_validate(synthetic_feature_spec("binary"))
     prep = fit(spec, table)
-    config = {
-        "architecture": "mlp",
-        "input_dim": prep.output_dim,
-        "output_dim": output_dim_for("binary", 2),
-        "hidden": [8],
-        "task": "binary",
-        "classes": prep.classes,
-        "target_scale": [0.0, 1.0],
-        "feature_names": prep.feature_names,
-    }
+    config = mlp_config(prep, "binary", [8])
     torch.manual_seed(0)
     state = build_model(config).state_dict()
     write_model_dir(tmp_path / "m", state, config, prep)

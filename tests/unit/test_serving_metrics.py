@@ -202,23 +202,14 @@ def test_observe_batch_never_raises(caplog: pytest.LogCaptureFixture) -> None:
 def model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     import torch
 
-    from runtime.models import build_model, output_dim_for
+    from runtime.models import build_model, mlp_config
     from runtime.preprocessing import FeatureSpec, fit
     from runtime.registry import load_model_dir, write_model_dir
 
     tmp = tmp_path_factory.mktemp("metrics")
     table = pq.read_table(generate_synthetic(tmp / "d.parquet", SyntheticConfig(rows=2000, seed=2)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec("binary")), table)
-    config = {
-        "architecture": "mlp",
-        "input_dim": prep.output_dim,
-        "output_dim": output_dim_for("binary", 2),
-        "hidden": [8],
-        "task": "binary",
-        "classes": prep.classes,
-        "target_scale": [0.0, 1.0],
-        "feature_names": prep.feature_names,
-    }
+    config = mlp_config(prep, "binary", [8])
     torch.manual_seed(0)
     write_model_dir(tmp / "m", build_model(config).state_dict(), config, prep)
     return load_model_dir(tmp / "m")
