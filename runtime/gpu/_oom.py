@@ -249,15 +249,18 @@ def write_bundle_files(
 
 def _report(facts: dict[str, Any], consumers: list[tuple[str, int]], files: list[str], error: Any) -> str:
     after = facts["micro_batch_after"]
+    oom = error is not None or not str(facts["reason"]).startswith("allocator thrash")
     what_next = (
-        f"The guard halved the micro-batch from {facts['micro_batch_before']} to {after} rows and retried the step; "
-        "gradients accumulate, so the effective batch is unchanged."
+        f"The guard halved the micro-batch from {facts['micro_batch_before']} to {after} rows and "
+        + ("retried the step" if oom else "runs the next steps with it")
+        + "; gradients accumulate, so the effective batch is unchanged."
         if after
         else "Micro-batch 1 did not fit: the run stops. Free memory (smaller model, bf16, fewer workers per GPU) "
         "or give the worker a larger GPU."
     )
     lines = [
-        f"# Out of memory: rank {facts['rank']}, step {facts['step']} (epoch {facts['epoch']})",
+        f"# {'Out of memory' if oom else 'Allocator thrash'}: rank {facts['rank']}, step {facts['step']} "
+        f"(epoch {facts['epoch']})",
         "",
         f"**What happened:** {facts['reason']} on `{facts['device']}` while running a micro-batch of "
         f"{facts['micro_batch_before']} rows (input shape {facts['input_shape']}) of this rank's "
@@ -282,8 +285,12 @@ def _report(facts: dict[str, Any], consumers: list[tuple[str, int]], files: list
         "",
         "## Files",
         "",
-        *(f"- `{f}`" for f in files),
-        "- `context.json`: step, shapes, config, allocator counters, largest consumers",
+        *(
+            f"- `{f}`: step, shapes, config, allocator counters, largest consumers"
+            if f == "context.json"
+            else f"- `{f}`"
+            for f in files
+        ),
     ]
     if error is not None:
         lines += ["", "## Error", "", "```", str(error).strip()[:2000], "```"]

@@ -110,12 +110,14 @@ def install_worker_side(dump_dir: str | Path, rank: int) -> dict[str, str]:
     # Python-level dumps need the GIL and, with signals, the main thread (Ray Train runs the
     # loop in another one), so a small thread answers a request file instead.
     def answer_requests() -> None:
+        partial = allocations.with_suffix(".partial")
         while True:
-            time.sleep(0.1)
+            time.sleep(0.05)
             if not trigger.exists():
                 continue
-            try:
-                allocations.write_text(largest_allocations_report() + "\n" + python_stacks())
+            try:  # written whole, then renamed: a reader never sees half a report
+                partial.write_text(largest_allocations_report() + "\n" + python_stacks())
+                partial.replace(allocations)
             except Exception as exc:  # never let a diagnostic kill the worker
                 logger.warning("allocation dump failed: %s", exc)
             trigger.unlink(missing_ok=True)
@@ -144,9 +146,12 @@ def largest_allocations_report(top: int = 15) -> str:
                 candidates.append(obj)
     for obj in candidates:
         try:
-            if np_mod is not None and isinstance(obj, np_mod.ndarray) and obj.base is None:
+            # type(), not isinstance(): isinstance reads __class__, which lazy modules answer
+            # with deprecation warnings (torch.distributed.reduce_op)
+            kind = type(obj)
+            if np_mod is not None and issubclass(kind, np_mod.ndarray) and obj.base is None:
                 sizes.append((int(obj.nbytes), f"numpy.ndarray shape={obj.shape} dtype={obj.dtype}"))
-            elif torch_mod is not None and isinstance(obj, torch_mod.Tensor):
+            elif torch_mod is not None and issubclass(kind, torch_mod.Tensor):
                 nbytes = obj.untyped_storage().nbytes()
                 sizes.append((int(nbytes), f"torch.Tensor shape={tuple(obj.shape)} dtype={obj.dtype} {obj.device}"))
         except Exception:

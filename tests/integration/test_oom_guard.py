@@ -130,10 +130,14 @@ def test_when_micro_batch_one_does_not_fit_every_rank_stops_with_the_bundle(ray_
 
 
 class Balloon(Callback):
-    """From ``step`` on ``rank``, holds 16 MiB more every 100 ms until something stops it."""
+    """From ``step`` on ``rank``, holds 16 MiB more every 100 ms until something stops it.
 
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
+    The watchdog's dump request races a leak this fast on a loaded machine, so once asked
+    (a request file in ``diag``) the balloon waits for the dump to land, at most 30 s, and then
+    grows on to its death: the test checks the dump, not who wins the race."""
+
+    def __init__(self, rank: int, step: int, diag: Path) -> None:
+        self.rank, self.step, self.diag = rank, step, diag
 
     def on_step_end(self, state: LoopState) -> None:
         if state.rank != self.rank or state.step != self.step:
@@ -145,6 +149,10 @@ class Balloon(Callback):
         held = []
         for _ in range(2000):  # 32 GiB at most: far past any limit the test sets
             held.append(np.ones(2 << 20))
+            if list(self.diag.glob(f"dump-request-rank{self.rank}-*")):
+                deadline = time.monotonic() + 30
+                while not list(self.diag.glob(f"allocations-rank{self.rank}-*.txt")) and time.monotonic() < deadline:
+                    time.sleep(0.05)
             time.sleep(0.1)
 
 
@@ -172,13 +180,15 @@ def test_host_oom_kill_ends_the_job_with_a_readable_cause(ray_session: Any, tmp_
             )
         }
     )
+    diag = results / "host-oom" / "diagnostics" / "host-memory"
     with pytest.raises(TrainingError) as info:
-        run_training(cfg, progress=lambda m: None, callbacks=[Balloon(rank=1, step=3)], storage_path=str(results))
+        run_training(
+            cfg, progress=lambda m: None, callbacks=[Balloon(rank=1, step=3, diag=diag)], storage_path=str(results)
+        )
     message = str(info.value)
     assert "failed on host memory" in message, message
     assert "rank 1 (pid" in message and "at step 3" in message and enforced_by in message
     assert f"{limit / (1 << 20):,.0f} MiB limit" in message
-    diag = results / "host-oom" / "diagnostics" / "host-memory"
     assert "rank 1" in (diag / "REPORT.md").read_text()
     assert list(diag.glob("allocations-rank1-*.txt")) and list(diag.glob("stacks-rank1-*.txt"))
     assert list(diag.glob("incident-rank1-*.json"))

@@ -94,14 +94,22 @@ def test_json_requests_are_batched_and_bulk_arrow_matches_offline(
     offline = load_model_dir(models[0])
     rows = _raw(data).slice(0, 48).to_pylist()
     bodies = [json.dumps({"instances": [r]}).encode() for r in rows]
+    # Request 7 passes decoding but breaks a rule the transform checks (a null in a
+    # non-nullable column), inside a batch with others: it alone gets the 422, naming its own row.
+    bad = 7
+    bodies[bad] = json.dumps({"instances": [{**rows[bad], "tenure_months": None}]}).encode()
     answers = asyncio.run(_concurrent_posts(f"{endpoint}/predict", bodies, {"content-type": "application/json"}, 48))
-    assert [a.status_code for a in answers] == [200] * 48
+    assert [a.status_code for a in answers] == [422 if i == bad else 200 for i in range(48)]
+    error = answers[bad].json()["error"]
+    assert error["field"] == "tenure_months" and error["row"] == 0 and "must not be null" in error["rule"]
     expected = offline.predict_table(_raw(data).slice(0, 48))
     for i, a in enumerate(answers):  # each request got its own row back, not a neighbour's
+        if i == bad:
+            continue
         body = a.json()
         assert body["predictions"] == [expected.values[i]]
         assert np.allclose(body["probabilities"], expected.probabilities[i : i + 1], atol=1e-6)
-    batched = [int(a.headers["x-skewless-batch-requests"]) for a in answers]
+    batched = [int(a.headers["x-skewless-batch-requests"]) for i, a in enumerate(answers) if i != bad]
     assert max(batched) > 1 and max(batched) <= 16  # dynamic batching happened, within its cap
 
     bulk = _raw(data)

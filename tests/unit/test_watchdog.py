@@ -18,8 +18,12 @@ import pytest
 from runtime.gpu._hostmem import process_tree_rss, try_create_limited_cgroup
 from runtime.gpu._watchdog import HostMemoryWatchdog, StepBeacon, read_beacon
 
+# A leak of 16 MiB per step. The dump races a leak this fast (on a loaded 2-core machine the
+# kernel can kill the worker before the scan of live objects finishes), so once asked to dump
+# the worker waits for the dump to land (at most 30 s) and then leaks on to its death: the test
+# checks what the dump holds, not who wins the race.
 WORKER = r"""
-import sys, time
+import os, sys, time
 import numpy as np
 from runtime.gpu._watchdog import StepBeacon, install_worker_side
 dumps = install_worker_side(sys.argv[1], rank=3)
@@ -30,6 +34,10 @@ held = []
 for step in range(10_000):
     beacon.set(step)
     held.append(np.ones(2 << 20))  # 16 MiB, touched
+    if os.path.exists(dumps["trigger"]):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(dumps["allocations"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
     time.sleep(0.06)
 """
 
