@@ -4,7 +4,8 @@ A checkpoint directory holds::
 
     weights.safetensors   model state dict (no pickle)
     optimizer.pt          optimizer + LR scheduler state (torch.load(weights_only=True))
-    rng.pt                torch / numpy / python RNG states (torch.load(weights_only=True))
+    rng-rank<r>.pt        each rank's torch / numpy / python RNG states (every rank reports
+                          its own file; Ray Train merges them into one directory)
     train_state.json      epoch, step, micro-batch size, preprocessing fingerprint
     preprocessor.json     the fitted preprocessing state, so a checkpoint is servable alone
 """
@@ -12,6 +13,7 @@ A checkpoint directory holds::
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,18 @@ from typing import Any
 
 import numpy as np
 
-WEIGHTS, OPTIMIZER, RNG, STATE, PREPROCESSOR = (
+logger = logging.getLogger(__name__)
+
+WEIGHTS, OPTIMIZER, STATE, PREPROCESSOR = (
     "weights.safetensors",
     "optimizer.pt",
-    "rng.pt",
     "train_state.json",
     "preprocessor.json",
 )
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
 
 
+def save_rng_state(directory: Path, rank: int) -> None:
+    """This rank's RNG states (dropout masks differ per rank: each needs its own back)."""
+    import torch
+
+    torch.save(_rng_state(), directory / rng_file(rank))
+
+
 def save_checkpoint(
     directory: Path,
     model: Any,
     optimizer: Any,
     scheduler: Any,
     *,
+    rank: int = 0,
     epoch: int,
     step: int,
     step_in_epoch: int,
@@ -81,7 +96,7 @@ def save_checkpoint(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
         directory / OPTIMIZER,
     )
-    torch.save(_rng_state(), directory / RNG)
+    save_rng_state(directory, rank)
     (directory / PREPROCESSOR).write_text(preprocessor_json)
     (directory / STATE).write_text(
         json.dumps(
@@ -97,9 +112,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    directory: Path, model: Any, optimizer: Any, scheduler: Any, expected_preprocessor: str | None = None
+    directory: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    expected_preprocessor: str | None = None,
+    rank: int = 0,
 ) -> ResumePoint:
-    """Restore model, optimizer, scheduler and RNG states in place; returns where to resume.
+    """Restore model, optimizer, scheduler and this rank's RNG states in place; returns where
+    to resume. A rank the checkpoint has no RNG file for (the run now has more workers) takes
+    rank 0's, with a warning: the run goes on, but not bit-identically.
 
     With ``expected_preprocessor``, a checkpoint fit on other data or features is refused
     before any state is touched (a resumed run must continue the *same* run).
@@ -121,7 +143,15 @@ def load_checkpoint(
     optimizer.load_state_dict(opt["optimizer"])
     if scheduler is not None and opt["scheduler"] is not None:
         scheduler.load_state_dict(opt["scheduler"])
-    _set_rng_state(torch.load(directory / RNG, weights_only=True))
+    rng = directory / rng_file(rank)
+    if not rng.exists():
+        logger.warning(
+            "checkpoint %s has no RNG state for rank %d (it was saved by fewer workers); using rank 0's",
+            directory,
+            rank,
+        )
+        rng = directory / rng_file(0)
+    _set_rng_state(torch.load(rng, weights_only=True))
     return ResumePoint(
         state["epoch"],
         state["step"],

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.training._checkpoint import load_checkpoint, save_checkpoint
+from runtime.training._checkpoint import load_checkpoint, save_checkpoint, save_rng_state
 from runtime.training._events import Callback, CallbackList, LoopState
 
 
@@ -155,8 +155,16 @@ def guarded_step(
 
     total = 0.0
     stale = True  # this rank's gradients are not yet computed at its current micro-batch
+    # A recomputed step draws the dropout masks it drew the first time: the run ends as one
+    # started at the smaller micro-batch would. Reading the generators' state is a host copy
+    # (CUDA's is a seed and an offset), no device sync.
+    rng = _rng_snapshot(device)
+    first = True
     while True:
         if stale and state.micro_batch_size > 0:
+            if not first:
+                _rng_restore(rng, device)
+            first = False
             try:
                 total = accumulate(state, batch, prep, loss_fn, task, target_scale, device, precision, sync_last=False)
             except torch.cuda.OutOfMemoryError as exc:
@@ -194,6 +202,22 @@ def guarded_step(
             "optimizer, bf16, or a larger GPU"
         ) from exc
     return total
+
+
+def _rng_snapshot(device: Any) -> tuple[Any, Any]:
+    import torch
+
+    cuda = torch.cuda.get_rng_state(device) if getattr(device, "type", None) == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _rng_restore(snapshot: tuple[Any, Any], device: Any) -> None:
+    import torch
+
+    cpu, cuda = snapshot
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def sync_gradients(model: Any, world_size: int) -> None:
@@ -343,6 +367,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = -(-config["train_rows"] // (per_rank * world))
 
     model = build_model(config["model"])
+    torch.manual_seed(seed * 1_000_003 + rank)  # then one stream per rank (dropout masks)
     optimizer = _make_optimizer(model.parameters(), config["optimizer"])
     scheduler = _make_scheduler(optimizer, config.get("lr_schedule", "constant"), steps_per_epoch * epochs)
     state = LoopState(
@@ -355,7 +380,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            resume = load_checkpoint(Path(d), model, optimizer, scheduler, expected_preprocessor=prep.fingerprint)
+            resume = load_checkpoint(
+                Path(d), model, optimizer, scheduler, expected_preprocessor=prep.fingerprint, rank=rank
+            )
         state.epoch, state.step, state.step_in_epoch = resume.epoch, resume.step, resume.step_in_epoch
         state.micro_batch_size = min(resume.micro_batch_size, per_rank)
     guard = bool((config.get("memory") or {}).get("oom_guard", False))
@@ -376,13 +403,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], epoch_done: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
             if rank == 0:
                 save_checkpoint(
                     Path(tmp),
                     state.model,
                     optimizer,
                     scheduler,
+                    rank=rank,
                     epoch=state.epoch + 1 if epoch_done else state.epoch,
                     step=state.step,
                     step_in_epoch=0 if epoch_done else state.step_in_epoch,
@@ -391,7 +418,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     preprocessor_fingerprint=prep.fingerprint,
                 )
                 callbacks.on_checkpoint(state, Path(tmp))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            else:  # the other ranks add their RNG states; Ray Train merges the directories
+                save_rng_state(Path(tmp), rank)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
             memory = state.extra.get("memory") or {}
             ray.train.report({**metrics, **{f"memory/{k}": v for k, v in memory.items()}}, checkpoint=ckpt)
 

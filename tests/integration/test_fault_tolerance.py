@@ -47,7 +47,8 @@ def _cfg(data: Path, name: str, run_name: str) -> TrainJobConfig:
         {
             "data": {"path": str(data)},
             "features": synthetic_feature_spec(),
-            "model": {"hidden": [16]},
+            # dropout: each rank draws its own masks, so the resume must restore every rank's RNG
+            "model": {"hidden": [16], "dropout": 0.2},
             "training": {
                 "epochs": 2,
                 "batch_size": 128,
@@ -82,7 +83,8 @@ def test_killed_worker_is_replaced_and_the_model_is_unchanged(ray_session: Any, 
     assert first == "0:0:0" and second in ("0:5:5", "0:10:10")
     a = load_file(str(reference.model_dir / "weights.safetensors"))
     b = load_file(str(resumed.model_dir / "weights.safetensors"))
-    # Exact on CPU with a fixed seed: same data order per (seed, epoch, rank), RNG restored.
+    # Exact on CPU with a fixed seed: same data order per (seed, epoch, rank), each rank's RNG
+    # restored (its dropout masks).
     for key in a:
         assert (a[key] == b[key]).all(), key
     assert resumed.metrics == reference.metrics

@@ -57,7 +57,8 @@ def _cfg(data: Path, name: str, micro: int) -> TrainJobConfig:
         {
             "data": {"path": str(data)},
             "features": synthetic_feature_spec(),
-            "model": {"hidden": [16]},
+            # dropout: a recomputed step must draw the masks it drew the first time
+            "model": {"hidden": [16], "dropout": 0.2},
             "training": {
                 "epochs": 1,
                 "batch_size": 128,

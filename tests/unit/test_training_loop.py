@@ -51,6 +51,47 @@ def test_micro_batching_gives_the_full_batch_gradient(batch_and_prep, micro: int
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # float summation order only
 
 
+def test_a_step_recomputed_after_an_oom_redraws_the_same_dropout_masks(batch_and_prep) -> None:  # type: ignore[no-untyped-def]
+    """The OOM comes after the forward pass drew its dropout masks: the retry must draw the
+    same ones again, so the step equals one that started at the smaller micro-batch."""
+    from runtime.models import mlp_config
+    from runtime.training._loop import guarded_step, micro_batch_agreement
+
+    table, prep = batch_and_prep
+    batch = table.slice(0, 64)
+
+    class HalveOnOom(Callback):
+        def on_oom(self, state: LoopState, error: BaseException) -> bool:
+            state.micro_batch_size //= 2
+            return True
+
+    def run(micro: int, oom_above: int | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(mlp_config(prep, "binary", [32], dropout=0.5))
+        if oom_above is not None:
+            forward = model.forward
+
+            def late_oom(x: torch.Tensor) -> torch.Tensor:
+                out = forward(x)  # the masks are drawn
+                if x.shape[0] > oom_above:
+                    raise torch.cuda.OutOfMemoryError("injected after the forward pass")
+                return out
+
+            model.forward = late_oom  # type: ignore[method-assign]
+        state = LoopState(
+            rank=0, world_size=1, epochs=1, batch_size=64, micro_batch_size=micro, model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        )  # fmt: skip
+        torch.manual_seed(7)  # the loop's own stream
+        guarded_step(state, batch, prep, _loss_fn("binary"), "binary", (0.0, 1.0), torch.device("cpu"), "fp32",
+                     CallbackList([HalveOnOom()]), micro_batch_agreement(1))  # fmt: skip
+        assert state.micro_batch_size == 16
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(16, None), run(64, oom_above=16), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_accumulation_steps() -> None:
     s = LoopState(rank=0, world_size=2, epochs=1, batch_size=100, micro_batch_size=32)
     assert s.accumulation_steps == 4
@@ -112,6 +153,36 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(batch_and_prep
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
     assert (tmp_path / "preprocessor.json").read_text() == prep.to_json()
+
+
+def test_each_rank_gets_its_own_rng_state_back(batch_and_prep, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from runtime.training._checkpoint import save_rng_state
+
+    _, prep = batch_and_prep
+    model = _model(prep)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(10)
+    save_checkpoint(
+        tmp_path,
+        model,
+        opt,
+        None,
+        rank=0,
+        epoch=0,
+        step=1,
+        step_in_epoch=1,
+        micro_batch_size=8,
+        preprocessor_json=prep.to_json(),
+        preprocessor_fingerprint=prep.fingerprint,
+    )
+    rank0 = torch.rand(4)
+    torch.manual_seed(11)
+    save_rng_state(tmp_path, rank=1)  # what rank 1 adds to the same (merged) directory
+    rank1 = torch.rand(4)
+    assert not torch.equal(rank0, rank1)
+    for rank, expected in ((1, rank1), (0, rank0), (2, rank0)):  # rank 2: a grown run takes rank 0's
+        load_checkpoint(tmp_path, _model(prep), opt, None, rank=rank)
+        assert torch.equal(torch.rand(4), expected), rank
 
 
 def test_resume_refuses_a_checkpoint_of_other_preprocessing(batch_and_prep, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
