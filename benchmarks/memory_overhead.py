@@ -58,6 +58,7 @@ def run(steps: int, interval: float, device_name: str, batch: int, hidden: list[
 
     from runtime.gpu._oom import OomGuard
     from runtime.gpu._tracker import MemoryTracker
+    from runtime.preprocessing import features_and_labels
     from runtime.training._events import CallbackList
     from runtime.training._loop import guarded_step, micro_batch_agreement, train_step
 
@@ -69,7 +70,7 @@ def run(steps: int, interval: float, device_name: str, batch: int, hidden: list[
     callbacks = CallbackList([tracker, guard])
     agree = micro_batch_agreement(1)
     callbacks.on_run_start(state)
-    batches = [table.slice(i * batch, batch) for i in range(table.num_rows // batch)]
+    batches = [features_and_labels(prep, table.slice(i * batch, batch)) for i in range(table.num_rows // batch)]
 
     def sync() -> None:
         if device.type == "cuda":
@@ -79,11 +80,11 @@ def run(steps: int, interval: float, device_name: str, batch: int, hidden: list[
         b = batches[i % len(batches)]
         t0 = time.perf_counter()
         if on:
-            guarded_step(state, b, prep, loss_fn, "binary", (0.0, 1.0), device, "fp32", callbacks, agree)
+            guarded_step(state, b, loss_fn, "binary", (0.0, 1.0), device, "fp32", callbacks, agree)
             state.step += 1
             callbacks.on_step_end(state)
         else:
-            train_step(state, b, prep, loss_fn, "binary", (0.0, 1.0), device, "fp32")
+            train_step(state, b, loss_fn, "binary", (0.0, 1.0), device, "fp32")
             state.step += 1
         sync()
         return time.perf_counter() - t0

@@ -58,8 +58,11 @@ def plain_loop(table: Any, prep: Any, steps: int, threads: int, batch_size: int,
     import torch
 
     from runtime.models import build_model
+    from runtime.preprocessing import features_and_labels
     from runtime.training._events import LoopState
     from runtime.training._loop import _loss_fn, train_step
+
+    cpu = torch.device("cpu")
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -75,7 +78,8 @@ def plain_loop(table: Any, prep: Any, steps: int, threads: int, batch_size: int,
     for i in range(steps):
         start = (i * batch_size) % (n - window)
         batch = table.slice(start, window).take(rng.integers(0, window, batch_size))
-        train_step(state, batch, prep, _loss_fn("binary"), "binary", (0.0, 1.0), torch.device("cpu"))
+        # the same work as the Ray job's pipeline stage: the shared transform, then the step
+        train_step(state, features_and_labels(prep, batch), _loss_fn("binary"), "binary", (0.0, 1.0), cpu)
         stamps.append(time.perf_counter())
     return steady_step_s(stamps)
 

@@ -26,6 +26,7 @@ from runtime.preprocessing._spec import (
     PassthroughFeature,
     load_spec,
 )
+from runtime.preprocessing._stage import features_and_labels, transform_batch
 from runtime.preprocessing._transform import FittedPreprocessor
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "NumericFeature",
     "PassthroughFeature",
     "code_fingerprint",
+    "features_and_labels",
     "fit",
     "load_spec",
+    "transform_batch",
 ]

@@ -28,6 +28,7 @@ from runtime.training._events import Callback
 from runtime.training._ingest import (
     HOLDOUT_SAMPLE_ROWS,
     driver_batches,
+    features_stage,
     fit_pass,
     ingest_options,
     open_split,
@@ -232,7 +233,7 @@ def run_training(
                 failure_config=FailureConfig(max_failures=cfg.training.max_failures),
                 callbacks=run_callbacks,
             ),
-            datasets=dict(zip(("train", "valid"), datasets(), strict=True)),
+            datasets={name: features_stage(ds, prep) for name, ds in zip(("train", "valid"), datasets(), strict=True)},
             dataset_config=DataConfig(execution_options=ingest_options()),
         )
         watchdogs = _start_watchdogs(cfg, run_id[:12], host_diag)

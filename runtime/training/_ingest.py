@@ -13,7 +13,9 @@ Nothing here materializes the dataset on the driver:
   sample of at most ``fit_sample_rows`` of them (the rows with the smallest hash: a
   bottom-k sample, deterministic), on which the preprocessing is fit. Up to that size the
   sample *is* the training split, so the fit is exact; above it, memory stays bounded by
-  the sample plus one batch.
+  the sample plus one batch;
+- the fitted preprocessing is then a stage of the workers' pipeline
+  (:func:`features_stage`): Ray Data tasks turn raw rows into ``{"x", "y"}`` arrays.
 """
 
 from __future__ import annotations
@@ -72,6 +74,17 @@ def open_split(
     train = ds.map_batches(partial(side, holdout=False), batch_format="pyarrow", batch_size=None)
     holdout = ds.map_batches(partial(side, holdout=True), batch_format="pyarrow", batch_size=None)
     return train, holdout
+
+
+def features_stage(ds: ray.data.Dataset, prep: Any) -> ray.data.Dataset:
+    """``ds`` through the shared preprocessing transform: ``{"x": float32 features, "y": labels}``.
+
+    The state travels as JSON (parsed once per Ray Data worker process); a row that breaks
+    the feature spec fails the stage with the column, row and rule.
+    """
+    from runtime.preprocessing import transform_batch
+
+    return ds.map_batches(partial(transform_batch, state=prep.to_json()), batch_format="pyarrow", batch_size=None)
 
 
 class BottomK:

@@ -1,8 +1,9 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Each rank streams its shard of the raw training rows from Ray Data and turns every batch into
-features with the shared ``runtime.preprocessing`` transform (the code serving runs). One
-optimizer step takes the rank's share of the effective batch, split into micro-batches whose
+Each rank streams its shard from Ray Data, already turned into features by the shared
+``runtime.preprocessing`` transform (the code serving runs) as a stage of the data pipeline
+(:func:`runtime.preprocessing.transform_batch`), so Ray Data's CPU tasks preprocess while
+the workers train. One optimizer step takes the rank's share of the effective batch, split into micro-batches whose
 gradients accumulate, so the micro-batch size changes memory, not the result. bf16 autocast
 applies on GPU when asked (a no-op on CPU). Checkpoints (per epoch, or every N steps) hold
 everything :mod:`runtime.training._checkpoint` lists; a restarted worker group resumes from
@@ -75,10 +76,13 @@ def _autocast(device: Any, precision: str) -> Any:
     return contextlib.nullcontext()
 
 
+def batch_rows(batch: dict[str, Any]) -> int:
+    return len(batch["y"])
+
+
 def accumulate(
     state: LoopState,
-    batch: Any,
-    prep: Any,
+    batch: dict[str, Any],
     loss_fn: Any,
     task: str,
     target_scale: tuple[float, float],
@@ -86,7 +90,8 @@ def accumulate(
     precision: str = "fp32",
     sync_last: bool = True,
 ) -> float:
-    """Forward and backward over this rank's ``batch`` (an Arrow table), in micro-batches.
+    """Forward and backward over this rank's ``batch`` (``{"x": features, "y": labels}``, as
+    the preprocessing stage of the data pipeline gives them), in micro-batches.
 
     Each micro-batch's summed loss is divided by the rank's whole batch size, so the
     accumulated gradient equals the full batch's mean-loss gradient whatever the
@@ -94,14 +99,14 @@ def accumulate(
     when ``sync_last``; otherwise no collective runs here (see :func:`sync_gradients`).
     """
     model = state.model
-    rows = batch.num_rows
+    features, labels = batch["x"], batch["y"]
+    rows = len(labels)
     state.optimizer.zero_grad(set_to_none=True)
     total = 0.0
     starts = list(range(0, rows, state.micro_batch_size))
     for i, start in enumerate(starts):
-        micro = batch.slice(start, state.micro_batch_size)
-        x = prep.transform(micro)
-        y = prep.transform_label(micro)
+        x = features[start : start + state.micro_batch_size]
+        y = labels[start : start + state.micro_batch_size]
         state.extra["input_shape"] = x.shape
         last = i == len(starts) - 1
         sync = contextlib.nullcontext() if (last and sync_last) or not hasattr(model, "no_sync") else model.no_sync()
@@ -116,8 +121,7 @@ def accumulate(
 
 def train_step(
     state: LoopState,
-    batch: Any,
-    prep: Any,
+    batch: dict[str, Any],
     loss_fn: Any,
     task: str,
     target_scale: tuple[float, float],
@@ -125,15 +129,14 @@ def train_step(
     precision: str = "fp32",
 ) -> float:
     """One optimizer step over this rank's ``batch``, gradients synced by DDP (no OOM guard)."""
-    total = accumulate(state, batch, prep, loss_fn, task, target_scale, device, precision)
+    total = accumulate(state, batch, loss_fn, task, target_scale, device, precision)
     state.optimizer.step()
     return total
 
 
 def guarded_step(
     state: LoopState,
-    batch: Any,
-    prep: Any,
+    batch: dict[str, Any],
     loss_fn: Any,
     task: str,
     target_scale: tuple[float, float],
@@ -166,7 +169,7 @@ def guarded_step(
                 _rng_restore(rng, device)
             first = False
             try:
-                total = accumulate(state, batch, prep, loss_fn, task, target_scale, device, precision, sync_last=False)
+                total = accumulate(state, batch, loss_fn, task, target_scale, device, precision, sync_last=False)
             except torch.cuda.OutOfMemoryError as exc:
                 before = state.micro_batch_size
                 if not callbacks.on_oom(state, exc) or state.micro_batch_size >= before:
@@ -264,23 +267,22 @@ def _to(x: np.ndarray, device: Any) -> Any:
 def _evaluate(
     model: Any,
     shard: Any,
-    prep: Any,
     loss_fn: Any,
     task: str,
     target_scale: tuple[float, float],
     device: Any,
-    batch_rows: int = 4096,
+    eval_rows: int = 4096,
 ) -> dict[str, float]:
     import torch
 
     model.eval()
     v_total, v_rows, v_correct = 0.0, 0, 0.0
     with torch.inference_mode():
-        for batch in shard.iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
-            y = _targets(task, prep.transform_label(batch), target_scale).to(device)
-            out = model(_to(prep.transform(batch), device))
+        for batch in shard.iter_batches(batch_size=eval_rows, batch_format="numpy"):
+            y = _targets(task, batch["y"], target_scale).to(device)
+            out = model(_to(batch["x"], device))
             v_total += float(loss_fn(out, y))
-            v_rows += batch.num_rows
+            v_rows += len(batch["y"])
             if task == "binary":
                 v_correct += float(((out > 0).float() == y).sum())
             elif task == "multiclass":
@@ -431,7 +433,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         total, rows = 0.0, 0
         batches = train_shard.iter_batches(
             batch_size=per_rank,
-            batch_format="pyarrow",
+            batch_format="numpy",
             local_shuffle_buffer_size=max(per_rank * 8, 1024),
             local_shuffle_seed=seed * 100_003 + state.epoch * 101 + rank,
         )
@@ -439,18 +441,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i < state.step_in_epoch:
                 continue  # resumed mid-epoch: these steps are in the checkpoint already
             if guard:
-                loss = guarded_step(
-                    state, batch, prep, loss_fn, task, target_scale, device, precision, callbacks, agree
-                )
+                loss = guarded_step(state, batch, loss_fn, task, target_scale, device, precision, callbacks, agree)
             else:
-                loss = train_step(state, batch, prep, loss_fn, task, target_scale, device, precision)
+                loss = train_step(state, batch, loss_fn, task, target_scale, device, precision)
             if scheduler is not None:
                 scheduler.step()
             state.step += 1
             state.step_in_epoch += 1
-            state.last_loss = loss / batch.num_rows
+            n = batch_rows(batch)
+            state.last_loss = loss / n
             total += loss
-            rows += batch.num_rows
+            rows += n
             callbacks.on_step_end(state)
             if every and state.step % every == 0:
                 report({"epoch": state.epoch, "step": state.step, "train_loss": state.last_loss}, epoch_done=False)
@@ -458,7 +459,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.metrics = {
             "train_loss": total / max(n_rows, 1),
             # in micro-batches: a size that fits with gradients fits without them
-            **_evaluate(state.model, valid_shard, prep, loss_fn, task, target_scale, device, state.micro_batch_size),
+            **_evaluate(state.model, valid_shard, loss_fn, task, target_scale, device, state.micro_batch_size),
         }
         callbacks.on_epoch_end(state)
         report({"epoch": state.epoch, "step": state.step, **state.metrics}, epoch_done=True)

@@ -31,12 +31,13 @@ def _setup(tmp_path: Path, micro: int) -> tuple[object, ...]:
 
 def test_real_oom_is_survived_with_the_same_result(tmp_path: Path) -> None:
     from runtime.gpu._oom import OomGuard
+    from runtime.preprocessing import features_and_labels
     from runtime.training._events import CallbackList
     from runtime.training._loop import _loss_fn, guarded_step, micro_batch_agreement
 
     device = torch.device("cuda")
     table, prep, reference = _setup(tmp_path, 256)
-    guarded_step(reference, table, prep, _loss_fn("binary"), "binary", (0.0, 1.0), device, "fp32",
+    guarded_step(reference, features_and_labels(prep, table), _loss_fn("binary"), "binary", (0.0, 1.0), device, "fp32",
                  CallbackList([]), micro_batch_agreement(1))  # fmt: skip
     want = [p.detach().clone() for p in reference.model.parameters()]
     peak_256 = torch.cuda.max_memory_allocated()
@@ -51,7 +52,7 @@ def test_real_oom_is_survived_with_the_same_result(tmp_path: Path) -> None:
         guard = OomGuard(str(tmp_path / "diagnostics"))
         callbacks = CallbackList([guard])
         callbacks.on_run_start(state)
-        guarded_step(state, table, prep, _loss_fn("binary"), "binary", (0.0, 1.0), device, "fp32",
+        guarded_step(state, features_and_labels(prep, table), _loss_fn("binary"), "binary", (0.0, 1.0), device, "fp32",
                      callbacks, micro_batch_agreement(1))  # fmt: skip
         callbacks.on_run_end(state)
     finally:

@@ -74,8 +74,10 @@ def test_public_surface_is_locked() -> None:
         "NumericFeature",
         "PassthroughFeature",
         "code_fingerprint",
+        "features_and_labels",
         "fit",
         "load_spec",
+        "transform_batch",
     ]
 
 
@@ -655,3 +657,22 @@ def test_signed_zeros_at_clip_bounds_are_the_same_online_and_in_batch() -> None:
         assert same_bits(fp.transform_records(table.to_pylist()), batch)
         for i, record in enumerate(table.to_pylist()):
             assert same_bits(fp.transform_records([record]), batch[i : i + 1])
+
+
+def test_the_pipeline_stage_is_the_same_transform_parsed_once(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
+    from runtime.preprocessing import _stage
+
+    table = pq.read_table(generate_synthetic(tmp_path / "d.parquet", SyntheticConfig(rows=300, seed=5)))
+    fitted = prep.fit(prep.FeatureSpec.model_validate(synthetic_feature_spec()), table)
+    state = fitted.to_json()
+    out = prep.transform_batch(table, state=state)
+    assert out["x"].dtype == np.float32 and np.array_equal(out["x"], fitted.transform(table))
+    assert np.array_equal(out["y"], fitted.transform_label(table))
+    assert _stage.cached_preprocessor(state) is _stage.cached_preprocessor(state)  # one parse per process
+    column = table.schema.get_field_index("tenure_months")
+    bad = table.set_column(column, "tenure_months", pa.nulls(300, pa.float64()))
+    with pytest.raises(SchemaValidationError, match="tenure_months"):
+        prep.transform_batch(bad, state=state)

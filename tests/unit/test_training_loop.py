@@ -12,11 +12,13 @@ import torch
 
 from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
 from runtime.models import build_model
-from runtime.preprocessing import FeatureSpec, fit
+from runtime.preprocessing import FeatureSpec, features_and_labels, fit
 from runtime.training import Callback, Event, LoopState
 from runtime.training._checkpoint import load_checkpoint, save_checkpoint
 from runtime.training._events import CallbackList
 from runtime.training._loop import _loss_fn, train_step
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_micro_batching_gives_the_full_batch_gradient(batch_and_prep, micro: int
         state = LoopState(
             rank=0, world_size=1, epochs=1, batch_size=256, micro_batch_size=m, model=model, optimizer=opt
         )
-        loss = train_step(state, batch, prep, _loss_fn("binary"), "binary", (0.0, 1.0), torch.device("cpu"))
+        loss = train_step(state, features_and_labels(prep, batch), _loss_fn("binary"), "binary", (0.0, 1.0), CPU)
         results.append((loss, [p.detach().clone() for p in model.parameters()]))
     (full_loss, full), (micro_loss, parts) = results
     assert micro_loss == pytest.approx(full_loss, rel=1e-5)
@@ -83,7 +85,7 @@ def test_a_step_recomputed_after_an_oom_redraws_the_same_dropout_masks(batch_and
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         )  # fmt: skip
         torch.manual_seed(7)  # the loop's own stream
-        guarded_step(state, batch, prep, _loss_fn("binary"), "binary", (0.0, 1.0), torch.device("cpu"), "fp32",
+        guarded_step(state, features_and_labels(prep, batch), _loss_fn("binary"), "binary", (0.0, 1.0), CPU, "fp32",
                      CallbackList([HalveOnOom()]), micro_batch_agreement(1))  # fmt: skip
         assert state.micro_batch_size == 16
         return [p.detach().clone() for p in model.parameters()]
@@ -123,7 +125,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(batch_and_prep
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     state = LoopState(rank=0, world_size=1, epochs=1, batch_size=64, micro_batch_size=64, model=model, optimizer=opt)
-    train_step(state, table.slice(0, 64), prep, _loss_fn("binary"), "binary", (0.0, 1.0), torch.device("cpu"))
+    train_step(state, features_and_labels(prep, table.slice(0, 64)), _loss_fn("binary"), "binary", (0.0, 1.0), CPU)
     sched.step()
     torch.manual_seed(123), np.random.seed(5), random.seed(9)
     save_checkpoint(
