@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 DRIVER_BATCH_ROWS = 65_536
+STAGE_BATCH_ROWS = 65_536  # rows per call of the preprocessing stage (see features_stage)
 HOLDOUT_SAMPLE_ROWS = 4096
 
 
@@ -80,11 +81,15 @@ def features_stage(ds: ray.data.Dataset, prep: Any) -> ray.data.Dataset:
     """``ds`` through the shared preprocessing transform: ``{"x": float32 features, "y": labels}``.
 
     The state travels as JSON (parsed once per Ray Data worker process); a row that breaks
-    the feature spec fails the stage with the column, row and rule.
+    the feature spec fails the stage with the column, row and rule. Batches of
+    ``STAGE_BATCH_ROWS``: Ray Data's fixed cost per map call dominated with the reader's
+    ~15k-row blocks (2M rows: 4.9 s per pass, against 2.8 s with 64k rows, 2.5 s to read alone).
     """
     from runtime.preprocessing import transform_batch
 
-    return ds.map_batches(partial(transform_batch, state=prep.to_json()), batch_format="pyarrow", batch_size=None)
+    return ds.map_batches(
+        partial(transform_batch, state=prep.to_json()), batch_format="pyarrow", batch_size=STAGE_BATCH_ROWS
+    )
 
 
 class BottomK:
