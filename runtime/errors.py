@@ -80,6 +80,9 @@ class SchemaValidationError(DataError):
         where = f"row {row}" if row is not None else "all rows"
         super().__init__(f"column {column!r}, {where}: value {value!r} breaks rule: {rule}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # survives pickling (raised in Ray tasks)
+        return (type(self), (self.column, self.row, self.value, self.rule))
+
     def to_dict(self) -> dict[str, Any]:
         value = self.value
         if not isinstance(value, (str, int, float, bool, type(None))):
@@ -97,12 +100,16 @@ class FingerprintMismatchError(PreprocessingError):
     def __init__(self, expected: str, actual: str, what: str = "preprocessing code") -> None:
         self.expected = expected
         self.actual = actual
+        self.what = what
         super().__init__(
             f"{what} fingerprint mismatch: the model was trained with {expected[:16]}, "
             f"this process has {actual[:16]}. Install the skewless version the model was "
             "trained with (see `skewless models lineage`), or retrain; to load anyway set "
             "allow_fingerprint_mismatch=true (logged as a warning)."
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.expected, self.actual, self.what))
 
 
 class TrainingError(SkewlessError):

@@ -210,6 +210,7 @@ def write_bundle_files(
     host = _host_memory()
     facts: dict[str, Any] = {
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "event": "out of memory" if error is not None else "allocator thrash",  # thrash: no exception
         "reason": reason,
         "rank": state.rank,
         "world_size": state.world_size,
@@ -249,7 +250,7 @@ def write_bundle_files(
 
 def _report(facts: dict[str, Any], consumers: list[tuple[str, int]], files: list[str], error: Any) -> str:
     after = facts["micro_batch_after"]
-    oom = error is not None or not str(facts["reason"]).startswith("allocator thrash")
+    oom = facts["event"] == "out of memory"
     what_next = (
         f"The guard halved the micro-batch from {facts['micro_batch_before']} to {after} rows and "
         + ("retried the step" if oom else "runs the next steps with it")

@@ -31,6 +31,9 @@ WEIGHTS, OPTIMIZER, STATE, PREPROCESSOR = (
 )
 
 
+LEGACY_RNG = "rng.pt"  # one state for all ranks, before per-rank files
+
+
 def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
 
@@ -49,11 +52,14 @@ def _rng_state() -> dict[str, Any]:
 
     np_state: Any = np.random.get_state()
     py_state = random.getstate()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), *np_state[2:]],
         "python": [py_state[0], torch.tensor(py_state[1], dtype=torch.int64), py_state[2]],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a GPU worker's dropout stream
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -64,6 +70,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            logger.warning(
+                "checkpoint has CUDA RNG states for %d devices, this worker sees %d: CUDA RNG not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 def save_rng_state(directory: Path, rank: int) -> None:
@@ -121,7 +137,9 @@ def load_checkpoint(
 ) -> ResumePoint:
     """Restore model, optimizer, scheduler and this rank's RNG states in place; returns where
     to resume. A rank the checkpoint has no RNG file for (the run now has more workers) takes
-    rank 0's, with a warning: the run goes on, but not bit-identically.
+    none: it keeps the stream its worker seeded for it (copying rank 0's would give two ranks
+    the same dropout masks), with a warning; the run goes on, but not bit-identically.
+    Checkpoints from before per-rank states (one ``rng.pt``) restore that for every rank.
 
     With ``expected_preprocessor``, a checkpoint fit on other data or features is refused
     before any state is touched (a resumed run must continue the *same* run).
@@ -144,14 +162,17 @@ def load_checkpoint(
     if scheduler is not None and opt["scheduler"] is not None:
         scheduler.load_state_dict(opt["scheduler"])
     rng = directory / rng_file(rank)
-    if not rng.exists():
+    if not rng.exists() and (directory / LEGACY_RNG).exists():
+        rng = directory / LEGACY_RNG
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    else:
         logger.warning(
-            "checkpoint %s has no RNG state for rank %d (it was saved by fewer workers); using rank 0's",
+            "checkpoint %s has no RNG state for rank %d (it was saved by fewer workers); "
+            "this rank keeps its freshly seeded stream",
             directory,
             rank,
         )
-        rng = directory / rng_file(0)
-    _set_rng_state(torch.load(rng, weights_only=True))
     return ResumePoint(
         state["epoch"],
         state["step"],

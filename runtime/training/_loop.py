@@ -3,8 +3,10 @@
 Each rank streams its shard from Ray Data, already turned into features by the shared
 ``runtime.preprocessing`` transform (the code serving runs) as a stage of the data pipeline
 (:func:`runtime.preprocessing.transform_batch`), so Ray Data's CPU tasks preprocess while
-the workers train. One optimizer step takes the rank's share of the effective batch, split into micro-batches whose
-gradients accumulate, so the micro-batch size changes memory, not the result. bf16 autocast
+the workers train. One optimizer step takes the rank's share of the effective batch, split
+into micro-batches whose gradients accumulate, so the micro-batch size changes memory, not
+the result (bit for bit on CPU without dropout; with dropout the masks are drawn per
+micro-batch, so the same in distribution). bf16 autocast
 applies on GPU when asked (a no-op on CPU). Checkpoints (per epoch, or every N steps) hold
 everything :mod:`runtime.training._checkpoint` lists; a restarted worker group resumes from
 the latest one. The loop's events are in :mod:`runtime.training._events`.
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from runtime.preprocessing._stage import FEATURES, LABEL
 from runtime.training._checkpoint import load_checkpoint, save_checkpoint, save_rng_state
 from runtime.training._events import Callback, CallbackList, LoopState
 
@@ -76,10 +80,6 @@ def _autocast(device: Any, precision: str) -> Any:
     return contextlib.nullcontext()
 
 
-def batch_rows(batch: dict[str, Any]) -> int:
-    return len(batch["y"])
-
-
 def accumulate(
     state: LoopState,
     batch: dict[str, Any],
@@ -99,7 +99,7 @@ def accumulate(
     when ``sync_last``; otherwise no collective runs here (see :func:`sync_gradients`).
     """
     model = state.model
-    features, labels = batch["x"], batch["y"]
+    features, labels = batch[FEATURES], batch[LABEL]
     rows = len(labels)
     state.optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -261,7 +261,12 @@ def micro_batch_agreement(world_size: int) -> Any:
 def _to(x: np.ndarray, device: Any) -> Any:
     import torch
 
-    return torch.from_numpy(x).to(device)
+    if x.flags.writeable:
+        return torch.from_numpy(x).to(device)
+    # a zero-copy view of Ray's object store: the model reads its input, never writes it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x).to(device)
 
 
 def _evaluate(
@@ -279,10 +284,10 @@ def _evaluate(
     v_total, v_rows, v_correct = 0.0, 0, 0.0
     with torch.inference_mode():
         for batch in shard.iter_batches(batch_size=eval_rows, batch_format="numpy"):
-            y = _targets(task, batch["y"], target_scale).to(device)
-            out = model(_to(batch["x"], device))
+            y = _targets(task, batch[LABEL], target_scale).to(device)
+            out = model(_to(batch[FEATURES], device))
             v_total += float(loss_fn(out, y))
-            v_rows += len(batch["y"])
+            v_rows += len(batch[LABEL])
             if task == "binary":
                 v_correct += float(((out > 0).float() == y).sum())
             elif task == "multiclass":
@@ -448,7 +453,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 scheduler.step()
             state.step += 1
             state.step_in_epoch += 1
-            n = batch_rows(batch)
+            n = len(batch[LABEL])
             state.last_loss = loss / n
             total += loss
             rows += n

@@ -23,7 +23,8 @@ def _setup(tmp_path: Path, micro: int) -> tuple[object, ...]:
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
     torch.manual_seed(0)
     # activations dominate (~1 MiB a row): memory grows with the micro-batch, not the weights
-    model = build_model(mlp_config(prep, "binary", [65536])).cuda()
+    # dropout: a recomputed micro-batch must redraw the same masks (CUDA RNG restored)
+    model = build_model(mlp_config(prep, "binary", [65536], dropout=0.2)).cuda()
     state = LoopState(rank=0, world_size=1, epochs=1, batch_size=1024, micro_batch_size=micro)
     state.model, state.optimizer = model, torch.optim.SGD(model.parameters(), lr=1e-3)
     return table, prep, state

@@ -18,6 +18,8 @@ def _guard_on_a_fake_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ret
     guard.on_run_start(LoopState(rank=0, world_size=1, epochs=1, batch_size=64, micro_batch_size=64))
     guard._device = 0  # as on_run_start would on a GPU
     counter = iter(retries)
+    # the bundle takes the CPU path (a CUDA host would read the patched counters there too)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     def memory_stats(device: Any = None) -> dict[str, int]:
         return {"num_alloc_retries": next(counter)}

@@ -182,9 +182,21 @@ def test_each_rank_gets_its_own_rng_state_back(batch_and_prep, tmp_path: Path) -
     save_rng_state(tmp_path, rank=1)  # what rank 1 adds to the same (merged) directory
     rank1 = torch.rand(4)
     assert not torch.equal(rank0, rank1)
-    for rank, expected in ((1, rank1), (0, rank0), (2, rank0)):  # rank 2: a grown run takes rank 0's
+    for rank, expected in ((1, rank1), (0, rank0)):
         load_checkpoint(tmp_path, _model(prep), opt, None, rank=rank)
         assert torch.equal(torch.rand(4), expected), rank
+    # rank 2 of a grown run: no state of its own; it keeps the stream it was seeded with
+    grown = _model(prep)  # (seeds torch itself)
+    torch.manual_seed(12)
+    fresh = torch.rand(4)
+    torch.manual_seed(12)
+    load_checkpoint(tmp_path, grown, opt, None, rank=2)
+    assert torch.equal(torch.rand(4), fresh)
+    # a checkpoint from before per-rank states: its one rng.pt serves every rank
+    (tmp_path / "rng-rank0.pt").rename(tmp_path / "rng.pt")
+    (tmp_path / "rng-rank1.pt").unlink()
+    load_checkpoint(tmp_path, _model(prep), opt, None, rank=1)
+    assert torch.equal(torch.rand(4), rank0)
 
 
 def test_resume_refuses_a_checkpoint_of_other_preprocessing(batch_and_prep, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
