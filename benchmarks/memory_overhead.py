@@ -1,7 +1,8 @@
 """What the memory tracker and the OOM guard cost per training step, measured in one run.
 
-The same model, data and step (an Arrow batch -> the shared transform -> forward/backward/
-optimizer step) run two ways, interleaved in blocks so drift hits both equally:
+The same model, data and step (a batch of feature arrays, as the pipeline stage gives them
+-> forward/backward/optimizer step) run two ways, interleaved in blocks so drift hits both
+equally:
 
 - **off**: the loop's plain ``train_step``;
 - **on**: ``guarded_step`` (the OOM-guard protocol) with :class:`MemoryTracker` sampling in
