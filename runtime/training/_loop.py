@@ -261,12 +261,7 @@ def micro_batch_agreement(world_size: int) -> Any:
 def _to(x: np.ndarray, device: Any) -> Any:
     import torch
 
-    if x.flags.writeable:
-        return torch.from_numpy(x).to(device)
-    # a zero-copy view of Ray's object store: the model reads its input, never writes it
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(x).to(device)
+    return torch.from_numpy(x).to(device)
 
 
 def _evaluate(
@@ -361,6 +356,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from runtime.models import build_model
     from runtime.preprocessing import FittedPreprocessor
 
+    # Batches are zero-copy, read-only views of Ray's object store; the model reads its input
+    # and never writes it, so torch's warning about non-writable arrays is noise here.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed: int = config["seed"]

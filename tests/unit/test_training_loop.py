@@ -34,6 +34,13 @@ def _model(prep) -> torch.nn.Module:  # type: ignore[no-untyped-def]
     return build_model({"architecture": "mlp", "input_dim": prep.output_dim, "output_dim": 1, "hidden": [16]})
 
 
+def _save(path: Path, model, opt, sched, prep, **position: int) -> None:  # type: ignore[no-untyped-def]
+    """A checkpoint of ``model`` at ``position`` (epoch, step, step_in_epoch, micro_batch_size)."""
+    save_checkpoint(
+        path, model, opt, sched, preprocessor_json=prep.to_json(), preprocessor_fingerprint=prep.fingerprint, **position
+    )
+
+
 @pytest.mark.parametrize("micro", [1, 7, 64, 256])
 def test_micro_batching_gives_the_full_batch_gradient(batch_and_prep, micro: int) -> None:  # type: ignore[no-untyped-def]
     table, prep = batch_and_prep
@@ -128,18 +135,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(batch_and_prep
     train_step(state, features_and_labels(prep, table.slice(0, 64)), _loss_fn("binary"), "binary", (0.0, 1.0), CPU)
     sched.step()
     torch.manual_seed(123), np.random.seed(5), random.seed(9)
-    save_checkpoint(
-        tmp_path,
-        model,
-        opt,
-        sched,
-        epoch=1,
-        step=7,
-        step_in_epoch=3,
-        micro_batch_size=16,
-        preprocessor_json=prep.to_json(),
-        preprocessor_fingerprint=prep.fingerprint,
-    )
+    _save(tmp_path, model, opt, sched, prep, epoch=1, step=7, step_in_epoch=3, micro_batch_size=16)
     expected = (torch.rand(3), np.random.rand(3), random.random())
 
     other = _model(prep)
@@ -164,19 +160,7 @@ def test_each_rank_gets_its_own_rng_state_back(batch_and_prep, tmp_path: Path) -
     model = _model(prep)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(10)
-    save_checkpoint(
-        tmp_path,
-        model,
-        opt,
-        None,
-        rank=0,
-        epoch=0,
-        step=1,
-        step_in_epoch=1,
-        micro_batch_size=8,
-        preprocessor_json=prep.to_json(),
-        preprocessor_fingerprint=prep.fingerprint,
-    )
+    _save(tmp_path, model, opt, None, prep, rank=0, epoch=0, step=1, step_in_epoch=1, micro_batch_size=8)
     rank0 = torch.rand(4)
     torch.manual_seed(11)
     save_rng_state(tmp_path, rank=1)  # what rank 1 adds to the same (merged) directory
@@ -205,18 +189,7 @@ def test_resume_refuses_a_checkpoint_of_other_preprocessing(batch_and_prep, tmp_
     _, prep = batch_and_prep
     model = _model(prep)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    save_checkpoint(
-        tmp_path,
-        model,
-        opt,
-        None,
-        epoch=1,
-        step=3,
-        step_in_epoch=0,
-        micro_batch_size=8,
-        preprocessor_json=prep.to_json(),
-        preprocessor_fingerprint=prep.fingerprint,
-    )
+    _save(tmp_path, model, opt, None, prep, epoch=1, step=3, step_in_epoch=0, micro_batch_size=8)
     with pytest.raises(TrainingError, match="use a new training.run_name"):
         load_checkpoint(tmp_path, _model(prep), opt, None, expected_preprocessor="f" * 64)
     assert load_checkpoint(tmp_path, _model(prep), opt, None, expected_preprocessor=prep.fingerprint).step == 3
