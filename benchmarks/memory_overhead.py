@@ -40,31 +40,31 @@ BLOCK = 25
 def _setup(device: str, batch: int, hidden: list[int]) -> dict[str, Any]:
     import torch
 
-    from runtime.models import build_model, mlp_config
-    from runtime.training._events import LoopState
-    from runtime.training._loop import _loss_fn
+    from runtime.models import MLPConfig, build_model
+    from runtime.registry import model_json
+    from runtime.tasks import Head, task_for
+    from runtime.training import LoopState, TabularObjective
 
     tmp = Path(tempfile.mkdtemp(prefix="skewless-membench-"))
     table = pq.read_table(generate_synthetic(tmp / "d.parquet", SyntheticConfig(rows=batch * 8, seed=1)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
     torch.manual_seed(0)
-    model = build_model(mlp_config(prep, "binary", hidden)).to(device)
+    model = build_model(model_json(MLPConfig(hidden=hidden), prep, task_for("binary"))).to(device)
     state = LoopState(rank=0, world_size=1, epochs=1, batch_size=batch, micro_batch_size=batch)
     state.model, state.optimizer = model, torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return {"tmp": tmp, "table": table, "prep": prep, "state": state, "loss": _loss_fn("binary")}
+    objective = TabularObjective("binary", Head(tuple(prep.classes)))
+    return {"tmp": tmp, "table": table, "prep": prep, "state": state, "objective": objective}
 
 
 def run(steps: int, interval: float, device_name: str, batch: int, hidden: list[int]) -> dict[str, Any]:
     import torch
 
-    from runtime.gpu._oom import OomGuard
-    from runtime.gpu._tracker import MemoryTracker
     from runtime.preprocessing import features_and_labels
-    from runtime.training._events import CallbackList
-    from runtime.training._loop import guarded_step, micro_batch_agreement, train_step
+    from runtime.training import CallbackList, guarded_step, micro_batch_agreement, train_step
+    from runtime.training.callbacks import MemoryTracker, OomGuard
 
     env = _setup(device_name, batch, hidden)
-    state, prep, table, loss_fn = env["state"], env["prep"], env["table"], env["loss"]
+    state, prep, table, objective = env["state"], env["prep"], env["table"], env["objective"]
     device = torch.device(device_name)
     guard = OomGuard(str(env["tmp"] / "diagnostics"))
     tracker = MemoryTracker(interval_s=interval, output_dir=str(env["tmp"] / "memory"), log_every_steps=50)
@@ -81,11 +81,11 @@ def run(steps: int, interval: float, device_name: str, batch: int, hidden: list[
         b = batches[i % len(batches)]
         t0 = time.perf_counter()
         if on:
-            guarded_step(state, b, loss_fn, "binary", (0.0, 1.0), device, "fp32", callbacks, agree)
+            guarded_step(state, b, objective, device, "fp32", callbacks, agree)
             state.step += 1
             callbacks.on_step_end(state)
         else:
-            train_step(state, b, loss_fn, "binary", (0.0, 1.0), device, "fp32")
+            train_step(state, b, objective, device, "fp32")
             state.step += 1
         sync()
         return time.perf_counter() - t0
@@ -122,7 +122,7 @@ def _count_lines(path: Any) -> int:
 
 
 def nvml_latencies(n: int = 200) -> dict[str, float]:
-    from runtime.gpu import _nvml
+    from runtime import memory as _nvml
 
     dev = _nvml.visible_devices()[0]
     calls = {

@@ -63,13 +63,14 @@ def make_model_dir(workdir: Path, fit_rows: int = 20_000, hidden: Sequence[int] 
     import torch
 
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
-    from runtime.models import build_model, mlp_config
+    from runtime.models import MLPConfig, build_model
     from runtime.preprocessing import FeatureSpec, fit
-    from runtime.registry import write_model_dir
+    from runtime.registry import model_json, write_model_dir
+    from runtime.tasks import task_for
 
     table = pq.read_table(generate_synthetic(workdir / "data.parquet", SyntheticConfig(rows=fit_rows, seed=7)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec("binary")), table)
-    config = mlp_config(prep, "binary", hidden)
+    config = model_json(MLPConfig(hidden=list(hidden)), prep, task_for("binary"))
     torch.manual_seed(0)
     model_dir = write_model_dir(workdir / "model", build_model(config).state_dict(), config, prep)
     return model_dir, table.select(prep.input_schema.names)
@@ -349,8 +350,7 @@ def run_serve(ctx: BenchContext, direct: bool = True) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from runtime.serving import build_predictor_app
-    from runtime.serving._deploy import run_app
+    from runtime.serving import build_predictor_app, run_app
 
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if direct else "0"  # read by Serve's processes
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)

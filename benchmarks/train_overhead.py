@@ -66,8 +66,8 @@ def plain_loop(
 
     from runtime.models import build_model
     from runtime.preprocessing import features_and_labels
-    from runtime.training._events import LoopState
-    from runtime.training._loop import _loss_fn, train_step
+    from runtime.tasks import Head
+    from runtime.training import TabularObjective, train_step
 
     cpu = torch.device("cpu")
 
@@ -78,6 +78,7 @@ def plain_loop(
     state = LoopState(
         rank=0, world_size=1, epochs=1, batch_size=batch_size, micro_batch_size=batch_size, model=model, optimizer=opt
     )
+    objective = TabularObjective("binary", Head((0, 1)))
     stamps = []
     rng = np.random.default_rng(0)
     n = table.num_rows
@@ -90,20 +91,19 @@ def plain_loop(
             batch = features_and_labels(prep, table.take(rows))
         else:
             batch = {k: v[rows] for k, v in features.items()}
-        train_step(state, batch, _loss_fn("binary"), "binary", (0.0, 1.0), cpu)
+        train_step(state, batch, objective, cpu)
         stamps.append(time.perf_counter())
     return steady_step_s(stamps)
 
 
 def ray_train(data: Path, workdir: Path, batch_size: int, hidden: list[int]) -> tuple[float, int]:
-    from runtime.config import TrainJobConfig
     from runtime.data import synthetic_feature_spec
-    from runtime.training import run_training
+    from runtime.training import TrainJobConfig, run_training
 
     stamps_path = workdir / f"stamps-{batch_size}.txt"
     cfg = TrainJobConfig.model_validate(
         {
-            "data": {"path": str(data), "holdout_fraction": 0.05},
+            "data": {"path": str(data), "test_fraction": 0.05, "validation_fraction": 0.05, "ingest": "stream"},
             "features": synthetic_feature_spec(),
             "model": {"hidden": hidden},
             "training": {"epochs": 1, "batch_size": batch_size, "num_workers": 1},
@@ -121,7 +121,7 @@ def ingestion(data: Path, prep: Any, batch_size: int = 4096) -> dict[str, float]
     """Rows/s from Parquet through the transform, timed from the first batch (start-up apart)."""
 
     from runtime.preprocessing import features_and_labels
-    from runtime.training._ingest import features_stage, read_dataset
+    from runtime.training import features_stage, read_dataset
 
     def rate(batches: Any) -> tuple[float, float]:
         t_start = time.perf_counter()
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/train_overhead.json")
     args = parser.parse_args()
 
-    from runtime.cluster import connect
+    from runtime.connect import connect
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
     from runtime.preprocessing import FeatureSpec, fit
 

@@ -15,8 +15,7 @@ from jobs._entry import run_job
 
 def _lm(config: Path) -> str:
     from runtime.config import load_config
-    from runtime.training._lm import LMJobConfig
-    from runtime.training._lm_driver import run_lm
+    from runtime.training import LMJobConfig, run_lm
 
     outcome = run_lm(load_config(LMJobConfig, config), progress=print)
     mfu = f"{outcome.mfu:.1%}" if outcome.mfu is not None else "n/a (peak unknown on this device)"
@@ -24,6 +23,7 @@ def _lm(config: Path) -> str:
         f"eval loss {outcome.initial_loss:.4f} -> {outcome.final_loss:.4f}; "
         f"{outcome.tokens_per_s:,.0f} tokens/s; MFU {mfu}; {outcome.n_params:,} parameters on {outcome.device}"
         + (f"; MLflow run {outcome.run_id}" if outcome.run_id else "")
+        + (f"; registered {outcome.model_uri}" if outcome.model_uri else "")
     )
 
 

@@ -13,10 +13,9 @@ from jobs._entry import run_job
 
 
 def _train(config: Path) -> str:
-    from runtime.config import TrainJobConfig, load_config
-    from runtime.training import run_training
+    from runtime.training import load_train_config, run_training
 
-    cfg = load_config(TrainJobConfig, config)
+    cfg = load_train_config(config)
     outcome = run_training(cfg, config_dir=config.resolve().parent, progress=print)
     return f"run {outcome.run_id}: models:/{outcome.model_name}/{outcome.version} — {outcome.decision}"
 

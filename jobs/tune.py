@@ -13,7 +13,7 @@ from jobs._entry import run_job
 
 
 def _tune(config: Path) -> str:
-    from runtime.training._tune import run_tune
+    from runtime.training import run_tune
 
     outcome = run_tune(config, progress=print)
     return f"best trial run {outcome.run_id}: models:/{outcome.model_name}/{outcome.version} — {outcome.decision}"

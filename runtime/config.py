@@ -1,36 +1,36 @@
-"""Typed, validated configs for what a user writes: training jobs and Serve app args.
+"""Config at the edge: the one strict base, YAML reader and validation-error formatter.
 
-Every model forbids unknown keys; :func:`load_config` turns pydantic's errors into one
+Every user-written config (training and LM jobs in ``runtime.training``, Tune, the feature
+spec in ``runtime.preprocessing``, the model architectures in ``runtime.models``, the Serve
+app args here) is a :class:`StrictModel`: unknown keys are errors, values are frozen.
+:func:`load_config` / :func:`validate` turn pydantic's errors into one
 :class:`~runtime.errors.ConfigError` that names the file, the field path, the bad value and
-the rule, with a did-you-mean hint for misspelt keys. Defaults live here and only here.
+the rule, with a did-you-mean hint for misspelt keys. Each default lives in its model only.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError
 
 from runtime.errors import ConfigError
 
 __all__ = [
-    "DataConfig",
-    "ModelConfig",
-    "OptimizerConfig",
-    "RegistryConfig",
     "ServeAppArgs",
     "StrictModel",
-    "TrainJobConfig",
-    "TrainingConfig",
     "expand_path",
     "format_validation_error",
     "load_config",
     "read_yaml",
     "resolve_path",
+    "validate",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -40,148 +40,6 @@ class StrictModel(BaseModel):
     """Base of every user-written config: unknown keys are errors, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(StrictModel):
-    path: str = Field(
-        description="Parquet/CSV file or directory; a local path or any pyarrow.fs URI. "
-        "`~` and environment variables are expanded; ${SKEWLESS_HOME} defaults to ~/.skewless."
-    )
-    format: Literal["parquet", "csv"] | None = Field(
-        default=None, description="File format; guessed from the file suffix when omitted."
-    )
-    holdout_fraction: float = Field(
-        default=0.2,
-        gt=0.0,
-        lt=1.0,
-        description="Fraction of rows held out for evaluation; a row's side is a hash of its content and the seed.",
-    )
-    fit_sample_rows: int = Field(
-        default=1_000_000,
-        ge=1000,
-        description="The preprocessing is fit on at most this many training rows (a uniform sample; "
-        "all of them when the training split is smaller). Bounds the driver's memory.",
-    )
-
-    @field_validator("path")
-    @classmethod
-    def _expand(cls, value: str) -> str:
-        return value if "://" in value else expand_path(value)
-
-
-class ModelConfig(StrictModel):
-    hidden: list[Annotated[int, Field(gt=0)]] = Field(default=[64, 32], description="Hidden layer widths of the MLP.")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
-    activation: Literal["relu", "gelu", "tanh"] = Field(default="relu")
-
-
-class OptimizerConfig(StrictModel):
-    name: Literal["adamw", "adam", "sgd"] = Field(default="adamw")
-    lr: float = Field(default=1e-3, gt=0.0, description="Learning rate.")
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD only.")
-
-
-class TrainingConfig(StrictModel):
-    epochs: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=256, ge=1, description="Global batch size across all workers.")
-    num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
-    use_gpu: bool = Field(default=False, description="One GPU per worker.")
-    cpus_per_worker: float = Field(default=1.0, gt=0.0)
-    seed: int = Field(default=0, ge=0)
-    micro_batch_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="Rows per forward/backward on one worker; gradients accumulate up to "
-        "batch_size / num_workers. Default: the whole per-worker batch.",
-    )
-    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16 autocast on GPU; a no-op on CPU.")
-    lr_schedule: Literal["constant", "cosine"] = Field(default="constant")
-    checkpoint_every_steps: int | None = Field(
-        default=None, ge=1, description="Checkpoint every N optimizer steps as well as every epoch."
-    )
-    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept (Ray Train CheckpointConfig).")
-    max_failures: int = Field(
-        default=0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1: unlimited)."
-    )
-    run_name: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-        description="Ray Train run name; re-running with the same name resumes from its latest checkpoint.",
-    )
-
-    @model_validator(mode="after")
-    def _batch_divides(self) -> TrainingConfig:
-        if self.batch_size < self.num_workers:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be >= num_workers ({self.num_workers}): "
-                "each worker takes batch_size / num_workers rows per step"
-            )
-        per_worker = self.batch_size // self.num_workers
-        if self.micro_batch_size is not None and self.micro_batch_size > per_worker:
-            raise ValueError(
-                f"micro_batch_size ({self.micro_batch_size}) must be <= batch_size / num_workers "
-                f"({self.batch_size} / {self.num_workers} = {per_worker}); lower it or raise batch_size"
-            )
-        return self
-
-
-class RegistryConfig(StrictModel):
-    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registered model name in MLflow.")
-    experiment: str | None = Field(default=None, description="MLflow experiment; default: model_name.")
-    promote: bool = Field(
-        default=True,
-        description="Move alias 'champion' to the new version when it beats the current champion.",
-    )
-
-
-class WatchdogConfig(StrictModel):
-    enabled: bool = Field(default=True, description="One host-memory watchdog per node, outside the workers.")
-    soft_fraction: float = Field(
-        default=0.9,
-        gt=0.0,
-        le=1.0,
-        description="Above this fraction of the limit, workers dump stacks and allocations.",
-    )
-    memory_limit_bytes: int | None = Field(
-        default=None,
-        ge=64 << 20,
-        description="Put the training workers in a memory cgroup with this limit (needs a writable cgroup); "
-        "default: watch the limit they already have (their cgroup's, else the node's memory).",
-    )
-    poll_interval_s: float = Field(default=0.5, gt=0.0, le=10.0)
-
-
-class MemoryConfig(StrictModel):
-    track: bool = Field(default=True, description="Per-rank memory timeline, peaks and plot (MLflow, Prometheus).")
-    sample_interval_s: float = Field(default=1.0, gt=0.0, le=60.0, description="Background sampler period.")
-    oom_guard: bool = Field(
-        default=True, description="Survive CUDA OOMs by halving the micro-batch (effective batch unchanged)."
-    )
-    record_history: bool = Field(
-        default=True, description="Record allocator history (python stacks) on GPU for the OOM bundle's snapshot."
-    )
-    watchdog: WatchdogConfig = WatchdogConfig()
-
-
-class TrainJobConfig(StrictModel):
-    """What ``python -m jobs.train --config <file>`` reads."""
-
-    data: DataConfig
-    features: str | dict[str, Any] = Field(
-        description="Feature spec: a YAML path (relative to this config file) or the spec inline."
-    )
-    model: ModelConfig = ModelConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    training: TrainingConfig = TrainingConfig()
-    memory: MemoryConfig = MemoryConfig()
-    registry: RegistryConfig
-
-    def feature_spec_dict(self, base_dir: Path | None = None) -> dict[str, Any]:
-        if isinstance(self.features, dict):
-            return self.features
-        path = resolve_path(self.features, base_dir)
-        return read_yaml(path)
 
 
 class ServeAppArgs(StrictModel):
@@ -235,65 +93,176 @@ def resolve_path(path: str, base_dir: Path | None) -> Path:
     return p
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; every failure is a :class:`ConfigError`."""
+    path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{what} {str(path)!r} must be a mapping at the top level, got {type(data).__name__}")
     return data
 
 
-def _known_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
-    """The valid keys at ``loc`` (the parent of an unknown key), for did-you-mean hints."""
-    current: Any = model
+def _unwrap(t: Any) -> tuple[Any, list[Any]]:
+    """``Annotated[T, ...]`` -> (T, metadata); anything else -> (t, [])."""
+    if get_origin(t) is Annotated:
+        base, *meta = get_args(t)
+        inner, more = _unwrap(base)
+        return inner, [*meta, *more]
+    return t, []
+
+
+def _union_members(t: Any) -> list[Any]:
+    return list(get_args(t)) if get_origin(t) in (Union, types.UnionType) else []
+
+
+def _tags(members: list[Any]) -> dict[str, Any]:
+    """A discriminated union's tag -> member (explicit ``Tag`` or the member's Literal default)."""
+    out: dict[str, Any] = {}
+    for member in members:
+        base, meta = _unwrap(member)
+        tag = next((m.tag for m in meta if isinstance(m, Tag)), None)
+        if tag is None and isinstance(base, type) and issubclass(base, BaseModel):
+            tag = next(iter(_literal_fields(base).values()), None)
+        if tag is not None:
+            out[str(tag)] = base
+    return out
+
+
+def _literal_fields(model: type[BaseModel]) -> dict[str, str]:
+    """Fields typed as a Literal with a string default: a discriminator's name -> its value."""
+    return {
+        name: f.default
+        for name, f in model.model_fields.items()
+        if get_origin(f.annotation) is Literal and isinstance(f.default, str)
+    }
+
+
+def _discriminator_name(members: list[Any], declared: str) -> str:
+    """The key a discriminated union reads: as declared, or the Literal field its members share."""
+    declared = declared.strip("'")
+    if declared.isidentifier():
+        return declared
+    models = [m for m in (_unwrap(m)[0] for m in members) if isinstance(m, type) and issubclass(m, BaseModel)]
+    shared = set.intersection(*(set(_literal_fields(m)) for m in models)) if models else set()
+    return sorted(shared)[0] if shared else "type"
+
+
+def _model_at(t: Any) -> Any:
+    """The model a (possibly optional or annotated) type holds, when there is exactly one."""
+    t, _ = _unwrap(t)
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return t
+    models = [m for m in (_unwrap(m)[0] for m in _union_members(t)) if isinstance(m, type) and issubclass(m, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def _walk(root: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[Any, str]:
+    """The type at ``loc`` under ``root`` and the path a person reads (``a.b[0].c``: union
+    tags that pydantic puts in ``loc`` are left out)."""
+    current: Any = root
+    path = ""
     for part in loc:
+        current, _ = _unwrap(current)
+        members = _union_members(current)
+        if members:
+            tags = _tags(members)
+            if isinstance(part, str) and part in tags:
+                current = tags[part]
+                continue
+            models = [m for m in (_unwrap(m)[0] for m in members) if isinstance(m, type) and issubclass(m, BaseModel)]
+            current = models[0] if len(models) == 1 else None
+            current, _ = _unwrap(current)
         if isinstance(part, int):
-            continue
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        ann = fields[part].annotation
-        current = next(
-            (a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
-            None,
-        )
-        if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
-def format_validation_error(model: type[BaseModel], exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: {exc.error_count()} invalid field(s)"]
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in loc) or "<root>"
-        if err["type"] == "extra_forbidden":
-            known = _known_fields(model, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(known)}" if known else "")
-            lines.append(f"  {path}: unknown key{hint}")
-        elif err["type"] == "missing":
-            lines.append(f"  {path}: required field is missing")
+            args = get_args(current)
+            current = args[0] if args else None
+            path += f"[{part}]"
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            current = field.annotation if field is not None else None
+            path += f".{part}" if path else part
         else:
+            args = get_args(current)  # dict[str, X]: ``part`` is a key
+            current = args[-1] if get_origin(current) is dict and args else None
+            path += f".{part}" if path else part
+    return current, path
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def format_validation_error(exc: ValidationError, root: type[BaseModel], source: str) -> str:
+    """One line per problem: ``path: value V breaks rule: ...``, ``path: unknown key 'k' (did
+    you mean 'key'?)``, ``path: required key is missing``. ``source`` heads the message
+    (a file name, or e.g. ``invalid feature spec 'f.yaml'``)."""
+    lines = []
+    errors = exc.errors()
+    for err in errors:
+        loc = tuple(err["loc"])
+        kind = err["type"]
+        if kind == "too_short" and any(len(e["loc"]) > len(loc) and tuple(e["loc"][: len(loc)]) == loc for e in errors):
+            continue  # "features is empty" only because its items failed: noise
+        if kind == "extra_forbidden":
+            owner = _model_at(_walk(root, loc[:-1])[0])
+            _, path = _walk(root, loc)
+            key = str(loc[-1])
+            valid = sorted(owner.model_fields) if isinstance(owner, type) and issubclass(owner, BaseModel) else []
+            hint = difflib.get_close_matches(key, valid, n=1)
+            line = f"{path}: unknown key {key!r}"
+            if hint:
+                line += f" (did you mean {hint[0]!r}?)"
+            elif valid:
+                line += f"; valid keys: {', '.join(valid)}"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            union, path = _walk(root, loc)
+            members = _union_members(_unwrap(union)[0])
+            tags = list(_tags(members))
+            name = _discriminator_name(members, str(err.get("ctx", {}).get("discriminator", "")))
+            if kind == "union_tag_not_found":
+                line = f"{path}: missing key {name!r} (one of {', '.join(tags)})"
+            else:
+                tag = err.get("ctx", {}).get("tag", err.get("input"))
+                hint = difflib.get_close_matches(str(tag), tags, n=1)
+                line = f"{path}.{name}: value {_short(tag)} is not one of {', '.join(map(repr, tags))}"
+                line += f" (did you mean {hint[0]!r}?)" if hint else ""
+        elif kind == "missing":
+            _, path = _walk(root, loc)
+            line = f"{path}: required key is missing"
+        else:
+            _, path = _walk(root, loc)
+            msg = err["msg"].removeprefix("Value error, ")
             value = err.get("input")
-            lines.append(f"  {path} = {value!r}: {err['msg']}")
-    return "\n".join(lines)
+            if isinstance(value, Mapping):  # a model-level rule: the message names the values
+                line = f"{path or '<root>'}: {msg}"
+            else:
+                line = f"{path or '<root>'}: value {_short(value)} breaks rule: {msg}"
+        lines.append(line)
+    if len(lines) == 1:
+        return f"{source}: {lines[0]}"
+    return f"{source}: {len(lines)} problems:\n" + "\n".join(f"  - {line}" for line in lines)
 
 
-def load_config(model: type[M], source: str | os.PathLike[str] | dict[str, Any]) -> M:
-    """Validate a YAML file (or an already-parsed mapping) against ``model``."""
-    if isinstance(source, dict):
-        data, name = source, "config"
-    else:
-        path = Path(source)
-        data, name = read_yaml(path), str(path)
-    try:
-        return model.model_validate(data)
+def validate(model: type[M], data: Any, source: str) -> M:
+    """``model.model_validate(data)``, or a :class:`ConfigError` from :func:`format_validation_error`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
+    try:  # the validator itself: a model may override model_validate to call this function
+        return model.__pydantic_validator__.validate_python(dict(data))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(model, exc, name)) from None
+        raise ConfigError(format_validation_error(exc, model, source)) from None
+
+
+def load_config(model: type[M], source: str | os.PathLike[str] | Mapping[str, Any], name: str = "config") -> M:
+    """Validate a YAML file (or an already-parsed mapping, called ``name`` in errors) against ``model``."""
+    if isinstance(source, Mapping):
+        return validate(model, source, name)
+    path = Path(source)
+    return validate(model, read_yaml(path), str(path))

@@ -60,20 +60,20 @@ def run_demo(
 
     from ray import serve
 
-    from runtime.cluster import connect
-    from runtime.config import TrainJobConfig
+    from runtime.config import validate
+    from runtime.connect import connect
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
     from runtime.registry import skewless_home, tracking_uri
-    from runtime.serving import build_predictor_app, run_app
-    from runtime.serving._parity import check_parity
-    from runtime.training import run_training
+    from runtime.serving import build_predictor_app, check_parity, run_app
+    from runtime.training import TrainJobConfig, run_training
 
     home = skewless_home()
     data_path = home / "demo" / "churn.parquet"
     progress(f"[1/5] generating {rows} synthetic rows -> {data_path}")
     generate_synthetic(data_path, SyntheticConfig(rows=rows, seed=7))
 
-    cfg = TrainJobConfig.model_validate(
+    cfg = validate(
+        TrainJobConfig,
         {
             "data": {"path": str(data_path)},
             "features": synthetic_feature_spec("binary"),
@@ -81,7 +81,8 @@ def run_demo(
             "optimizer": {"lr": 3e-3},
             "training": {"epochs": epochs, "batch_size": 256, "num_workers": workers, "seed": 7},
             "registry": {"model_name": model_name},
-        }
+        },
+        "demo config",
     )
     progress(f"[2/5] starting Ray and training ({workers} workers)")
     connect()

@@ -65,10 +65,12 @@ def skewless_home() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
-    """The session's one local Ray instance (8 logical CPUs on a 2-core machine)."""
+    """The session's one local Ray instance (8 logical CPUs on a 2-core machine), with its
+    dashboard server as ``runtime.connect`` starts one: Ray Train's placement-group cleaner needs
+    the state API to free the workers of a run whose controller died (a Tune trial stopped early)."""
     import ray
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, log_to_driver=False)  # the dashboard server: Ray's default
     yield ray
     try:
         from ray import serve

@@ -48,8 +48,9 @@ def demo(
     keep_serving: Annotated[bool, typer.Option(help="Keep the endpoint up until Ctrl-C.")] = False,
 ) -> None:
     """Generate data, train on Ray, register in MLflow, serve, query, and check parity."""
-    from runtime.cluster import started_locally
+    from runtime.connect import started_locally
     from runtime.demo import run_demo
+    from runtime.redact import redact
 
     console.rule("[bold]skewless demo")
     result = run_demo(rows=rows, epochs=epochs, workers=workers, port=port, progress=_progress)
@@ -58,8 +59,8 @@ def demo(
     console.print("holdout   " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
     console.print(f"endpoint  {result.endpoint}/predict")
     console.print(f"parity    [{'green' if result.parity.ok else 'red'}]{result.parity}[/]")
-    console.print(f"mlflow    {result.tracking_uri}")
-    console.print(f"          browse: mlflow ui --backend-store-uri {result.tracking_uri}")
+    console.print(f"mlflow    {redact(result.tracking_uri)}")
+    console.print(f"          browse: mlflow ui --backend-store-uri {redact(result.tracking_uri)}")
     console.print(f"try it    {result.curl}")
     if not result.parity.ok:
         raise typer.Exit(1)
@@ -82,10 +83,9 @@ def demo(
 @train_app.command("run")
 def train_run(config: Annotated[Path, typer.Argument(help="Training job YAML.")]) -> None:
     """Run a training job from this process (starts or joins Ray)."""
-    from runtime.config import TrainJobConfig, load_config
-    from runtime.training import run_training
+    from runtime.training import load_train_config, run_training
 
-    cfg = load_config(TrainJobConfig, config)
+    cfg = load_train_config(config)
     outcome = run_training(cfg, config_dir=config.resolve().parent, progress=_progress)
     console.print(f"run {outcome.run_id}: models:/{outcome.model_name}/{outcome.version} — {outcome.decision}")
 
@@ -100,10 +100,17 @@ def train_submit(
     wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
 ) -> None:
     """Submit a training job through Ray's Jobs API (validated here first)."""
-    from runtime.cluster import follow_logs, job_info, submit_training
+    from runtime.cluster import follow_logs, job_info, submit_job
+    from runtime.training import job_files
 
-    job_id = submit_training(config, address)
-    console.print(f"submitted [bold]{job_id}[/]; follow with `skewless train logs {job_id} --follow`")
+    submission = submit_job(config, "jobs.train", job_files, address)
+    for note in submission.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
+    job_id = submission.job_id
+    console.print(
+        f"submitted [bold]{job_id}[/] ({len(submission.shipped)} project files shipped); "
+        f"follow with `skewless train logs {job_id} --follow`"
+    )
     if not wait:
         return
     follow_logs(job_id, lambda chunk: console.out(chunk, end=""), address)
@@ -161,13 +168,14 @@ def train_list(address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] =
 @serve_app.command("deploy")
 def serve_deploy(
     config: Annotated[Path, typer.Argument(help="Serve config YAML (the format `serve deploy` takes).")],
-    address: Annotated[str, typer.Option(help="Ray dashboard address.")] = "http://127.0.0.1:8265",
+    address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
 ) -> None:
     """Validate a Serve config and deploy it to a running Ray cluster, like `serve deploy`."""
-    from runtime.serving._deploy import deploy_config
+    from runtime.redact import redact
+    from runtime.serving import deploy_config
 
-    names = deploy_config(config, address)
-    console.print(f"submitted {', '.join(names)} to {address}; check with `serve status`")
+    used, names = deploy_config(config, address)
+    console.print(f"submitted {', '.join(names)} to {redact(used)}; check with `serve status`")
 
 
 @models_app.command("lineage")
@@ -177,8 +185,7 @@ def models_lineage(
     """Show the data, preprocessing, code and environment that made a registered model."""
     from rich.table import Table
 
-    from runtime.registry import configure_mlflow
-    from runtime.registry._reproduce import model_lineage
+    from runtime.registry import configure_mlflow, model_lineage
 
     configure_mlflow()
     lineage = model_lineage(model_uri)
@@ -188,21 +195,52 @@ def models_lineage(
     console.print(table)
 
 
+@models_app.command("verify")
+def models_verify(
+    model_uri: Annotated[
+        str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version>, or a packaged model directory")
+    ],
+) -> None:
+    """Check every file of a model against the manifest recorded at registration (MLmodel and the
+    code file MLflow runs on load included), without running any of it."""
+    from runtime.registry import configure_mlflow, verify
+
+    configure_mlflow()
+    verified = verify(model_uri)
+    where = f"models:/{verified.ref.name}/{verified.ref.version}" if verified.ref else str(verified.root)
+    for name in sorted(verified.files):
+        console.print(f"  ok  {verified.files[name][:16]}  {name}")
+    console.print(f"[green]verified[/] {where}: {len(verified.files)} file(s) match the recorded sha256")
+
+
 @app.command()
 def reproduce(
     model_uri: Annotated[str, typer.Argument(help="models:/<name>@<alias> or models:/<name>/<version>")],
+    data: Annotated[
+        str | None, typer.Option(help="The dataset path, when the recorded one was redacted (it had credentials).")
+    ] = None,
 ) -> None:
-    """Re-run a registered model's training from its lineage and compare the metrics."""
+    """Re-run a registered model's training from its lineage; exit 1 unless it is the same model, bit for bit."""
     from rich.table import Table
 
-    from runtime.training._reproduce import reproduce as run
+    from runtime.training import reproduce as run
 
-    result = run(model_uri, progress=_progress)
+    result = run(model_uri, progress=_progress, data_path=data)
     table = Table("metric", "original", "reproduced", "difference")
     for name, old, new, diff in result.differences():
         table.add_row(name, f"{old:.6f}", f"{new:.6f}", f"{diff:+.2e}")
     console.print(table)
     console.print(f"reproduced as models:/{result.outcome.model_name}/{result.outcome.version} (aliases unchanged)")
+    if result.exact:
+        console.print("[green]exact[/]: the same weights, bit for bit, and the same holdout metrics")
+        return
+    err_console.print(f"[red]not exact[/]: {'; '.join(result.mismatches())}")
+    if result.original_ingest == "stream":
+        err_console.print(
+            "the original run streamed its data (data.ingest: stream), so what each worker saw depended on how the "
+            "cluster's readers cut the files into blocks; runs that train from memory reproduce on any cluster shape"
+        )
+    raise typer.Exit(1)
 
 
 @data_app.command("generate")

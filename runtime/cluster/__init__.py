@@ -1,26 +1,33 @@
-"""Ray clusters: join the one the user points at or start a local one; submit jobs to it."""
+"""Ray clusters from the CLI: submit and follow jobs through Ray's Jobs API."""
 
-from runtime.cluster._connect import check_placeable, connect, cpus_for, started_locally
 from runtime.cluster._jobs import (
+    SECRET_PATTERNS,
     JobInfo,
+    Submission,
     follow_logs,
+    forwarded_env,
+    job_entrypoint,
     job_info,
     job_logs,
     list_jobs,
+    project_root,
+    stage_working_dir,
     stop_job,
-    submit_training,
+    submit_job,
 )
 
 __all__ = [
+    "SECRET_PATTERNS",
     "JobInfo",
-    "check_placeable",
-    "connect",
-    "cpus_for",
+    "Submission",
     "follow_logs",
+    "forwarded_env",
+    "job_entrypoint",
     "job_info",
     "job_logs",
     "list_jobs",
-    "started_locally",
+    "project_root",
+    "stage_working_dir",
     "stop_job",
-    "submit_training",
+    "submit_job",
 ]

@@ -5,11 +5,13 @@ is not a version).
 """
 
 from runtime.data._io import dataset_fingerprint, list_data_files, read_table, table_fingerprint
-from runtime.data._split import split_side, split_unit
+from runtime.data._split import ORDER_KEY, SIDES, split_side, split_unit
 from runtime.data._synthetic import SyntheticConfig, generate_synthetic, synthetic_feature_spec
 from runtime.data._text import generate_text, load_text_tokens
 
 __all__ = [
+    "ORDER_KEY",
+    "SIDES",
     "SyntheticConfig",
     "dataset_fingerprint",
     "generate_synthetic",

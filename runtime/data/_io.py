@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from runtime.errors import DataError, DatasetNotFoundError
+from runtime.redact import redact
 
 Format = Literal["parquet", "csv"]
 _SUFFIXES: dict[str, Format] = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -30,7 +31,7 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     except OSError as exc:  # e.g. unknown scheme, missing credentials
-        raise DatasetNotFoundError(f"dataset {uri!r}: cannot open its filesystem: {exc}") from exc
+        raise DatasetNotFoundError(f"dataset {redact(uri)!r}: cannot open its filesystem: {redact(str(exc))}") from None
 
 
 def _format_of(path: str) -> Format | None:
@@ -50,7 +51,7 @@ def list_data_files(uri: str, format: Format | None = None) -> tuple[pafs.FileSy
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise DatasetNotFoundError(
-            f"dataset {uri!r} does not exist; check the path in your config "
+            f"dataset {redact(uri)!r} does not exist; check the path in your config "
             "(relative paths are resolved against the current directory)"
         )
     if info.type == pafs.FileType.File:
@@ -65,11 +66,11 @@ def list_data_files(uri: str, format: Format | None = None) -> tuple[pafs.FileSy
             and (format is not None or _format_of(f.path) is not None)
         )
         if not files:
-            raise DatasetNotFoundError(f"dataset {uri!r} is a directory with no .parquet or .csv files")
+            raise DatasetNotFoundError(f"dataset {redact(uri)!r} is a directory with no .parquet or .csv files")
     fmt = format or _format_of(files[0])
     if fmt is None:
         raise DataError(
-            f"dataset {uri!r}: cannot tell the format from the file name {files[0]!r}; "
+            f"dataset {redact(uri)!r}: cannot tell the format from the file name {files[0]!r}; "
             "set format: parquet or format: csv"
         )
     return fs, files, fmt
@@ -88,11 +89,11 @@ def read_table(uri: str, format: Format | None = None, columns: list[str] | None
                     t = pacsv.read_csv(stream)
                 tables.append(t.select(columns) if columns else t)
         except (pa.ArrowInvalid, OSError, KeyError) as exc:
-            raise DataError(f"dataset {uri!r}: cannot read {path!r} as {fmt}: {exc}") from exc
+            raise DataError(f"dataset {redact(uri)!r}: cannot read {path!r} as {fmt}: {exc}") from exc
     try:
         return pa.concat_tables(tables, promote_options="default")
     except pa.ArrowInvalid as exc:
-        raise DataError(f"dataset {uri!r}: its files have incompatible schemas: {exc}") from exc
+        raise DataError(f"dataset {redact(uri)!r}: its files have incompatible schemas: {exc}") from exc
 
 
 def dataset_fingerprint(uri: str, format: Format | None = None) -> str:

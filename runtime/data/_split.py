@@ -1,4 +1,9 @@
-"""The train/holdout split as a function of each row's content.
+"""The train / validation / test split as a function of each row's content.
+
+Each row gets a number ``u`` in [0, 1) from a hash of its values and the seed: ``u <
+test_fraction`` is the test split (the holdout), the next ``validation_fraction`` the
+validation split, the rest training. No global shuffle or row index: the same however the
+files are chunked or ordered, and duplicate rows always land on the same side.
 
 Kept in ``runtime.data`` (light imports) because Ray Data runs :func:`split_side` in its
 read tasks: importing it must not pull in torch.
@@ -33,7 +38,34 @@ def split_unit(table: pa.Table, columns: list[str], seed: int) -> np.ndarray:
     return (hashed >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def split_side(batch: pa.Table, columns: list[str], fraction: float, seed: int, holdout: bool) -> pa.Table:
-    """The rows of ``batch`` on one side of the split (a Ray Data ``map_batches`` function)."""
+SIDES = ("train", "validation", "test")
+ORDER_KEY = "__skewless_order"  # a per-row key that orders rows canonically (see split_side)
+
+
+def split_side(
+    batch: pa.Table,
+    columns: list[str],
+    test_fraction: float,
+    validation_fraction: float,
+    seed: int,
+    side: str,
+    order_key: bool = False,
+) -> pa.Table:
+    """The rows of ``batch`` on one ``side`` of the split (a Ray Data ``map_batches`` function).
+
+    With ``order_key``, each row also gets :data:`ORDER_KEY`, a second content hash: sorting
+    by it puts rows in an order that depends on nothing but the data and the seed (not on how
+    a cluster's readers cut the files into blocks).
+    """
+    if side not in SIDES:
+        raise ValueError(f"side {side!r} must be one of {SIDES}")
     u = split_unit(batch, columns, seed)
-    return batch.filter(pa.array(u < fraction if holdout else u >= fraction))
+    low, high = {
+        "test": (0.0, test_fraction),
+        "validation": (test_fraction, test_fraction + validation_fraction),
+        "train": (test_fraction + validation_fraction, 1.0),
+    }[side]
+    out = batch.filter(pa.array((u >= low) & (u < high)))
+    if order_key:
+        out = out.append_column(ORDER_KEY, pa.array(split_unit(out, columns, seed + 2)))
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,6 +61,14 @@ class SyntheticConfig:
             )
 
 
+# The synthetic label of each task, from the row's score and logistic noise.
+_LABELS: dict[str, Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]] = {
+    "binary": lambda score, noise, rng: (score + noise > 0).astype(np.int64),
+    "multiclass": lambda score, noise, rng: np.digitize(score + 0.5 * noise, [-1.0, 0.5]).astype(np.int64),
+    "regression": lambda score, noise, rng: 50.0 + 10.0 * score + rng.normal(0.0, 2.0, len(score)),
+}
+
+
 def _tilted(probs: np.ndarray, amount: float) -> np.ndarray:
     if amount == 0:
         return probs
@@ -93,13 +102,7 @@ def _chunk(cfg: SyntheticConfig, index: int, n: int) -> pa.Table:
         + np.where(region < 5, 0.5, 0.0)
         + np.array([0.0, 0.1, 0.3, -0.2, 0.4])[device]
     )
-    noise = rng.logistic(0.0, 1.0, n)
-    if cfg.task == "binary":
-        label: np.ndarray = (score + noise > 0).astype(np.int64)
-    elif cfg.task == "multiclass":
-        label = np.digitize(score + 0.5 * noise, [-1.0, 0.5]).astype(np.int64)
-    else:
-        label = 50.0 + 10.0 * score + rng.normal(0.0, 2.0, n)
+    label = _LABELS[cfg.task](score, rng.logistic(0.0, 1.0, n), rng)
 
     def with_nulls(values: np.ndarray) -> pa.Array:
         mask = rng.random(n) < cfg.null_fraction if cfg.null_fraction else None

@@ -1,110 +1,74 @@
-"""The model architectures skewless trains and serves, rebuilt from a plain JSON config.
+"""The model architectures skewless trains and serves, in a registry keyed by ``architecture``.
 
-A model is described by a JSON-able dict (``architecture`` plus its hyperparameters) that
-travels in the model artifact beside the safetensors weights, so loading never unpickles.
+An architecture is one :class:`Architecture` subclass (its hyperparameters and ``build``)
+and one entry in :data:`ARCHITECTURES`; :data:`ModelConfig`, the ``model:`` section of a
+job config, is the discriminated union of the registered classes (``architecture`` defaults
+to ``mlp``). A packaged model's ``model.json`` is the architecture's
+:meth:`~Architecture.artifact_config`; :func:`build_model` rebuilds the module from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
-import torch
+from pydantic import Discriminator, Tag
 from torch import nn
 
-from runtime.models._transformer import CharTransformerLM, flops_per_token, num_parameters
+from runtime.config import validate
+from runtime.errors import ConfigError
+from runtime.models._base import IO_KEYS, Architecture, ModelIO
+from runtime.models._mlp import MLP, MLPConfig
+from runtime.models._transformer import VOCAB_SIZE, CharLMConfig, CharTransformerLM, flops_per_token, num_parameters
 
 __all__ = [
+    "ARCHITECTURES",
     "MLP",
+    "VOCAB_SIZE",
+    "Architecture",
+    "CharLMConfig",
     "CharTransformerLM",
+    "MLPConfig",
+    "ModelConfig",
+    "ModelIO",
+    "architecture_of",
     "build_model",
     "flops_per_token",
-    "mlp_config",
     "num_parameters",
-    "output_dim_for",
 ]
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+DEFAULT_ARCHITECTURE = "mlp"
+ARCHITECTURES: dict[str, type[Architecture]] = {
+    "mlp": MLPConfig,
+    "char_lm": CharLMConfig,
+}
 
 
-class MLP(nn.Module):
-    """A plain multilayer perceptron over the preprocessed float32 feature matrix."""
-
-    def __init__(
-        self,
-        input_dim: int,
-        output_dim: int,
-        hidden: list[int],
-        dropout: float = 0.0,
-        activation: str = "relu",
-    ) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = input_dim
-        for h in hidden:
-            layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-            width = h
-        layers.append(nn.Linear(width, output_dim))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.net(x)
-        return out
+def _architecture_key(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("architecture", DEFAULT_ARCHITECTURE))
+    return str(getattr(value, "architecture", DEFAULT_ARCHITECTURE))
 
 
-def output_dim_for(task: str, num_classes: int | None) -> int:
-    """Binary and regression heads have one output; multiclass one logit per class."""
-    if task == "multiclass":
-        if not num_classes or num_classes < 2:
-            raise ValueError(f"multiclass needs >= 2 classes, got {num_classes}")
-        return num_classes
-    return 1
+if TYPE_CHECKING:
+    ModelConfig = Architecture
+else:
+    ModelConfig = Annotated[
+        Union[tuple(Annotated[cls, Tag(name)] for name, cls in ARCHITECTURES.items())],  # noqa: UP007
+        Discriminator(_architecture_key),
+    ]
 
 
-def mlp_config(
-    prep: Any,
-    task: str,
-    hidden: Sequence[int],
-    dropout: float = 0.0,
-    activation: str = "relu",
-    target_scale: Sequence[float] = (0.0, 1.0),
-) -> dict[str, Any]:
-    """The artifact config of an MLP over a fitted preprocessor's features (what
-    :func:`build_model` and the packaged model read back)."""
-    return {
-        "architecture": "mlp",
-        "input_dim": prep.output_dim,
-        "output_dim": output_dim_for(task, len(prep.classes) if prep.classes else None),
-        "hidden": list(hidden),
-        "dropout": dropout,
-        "activation": activation,
-        "task": task,
-        "classes": prep.classes,
-        "target_scale": list(target_scale),
-        "feature_names": prep.feature_names,
-    }
+def architecture_of(config: dict[str, Any]) -> Architecture:
+    """The architecture (validated hyperparameters) of a packaged model's ``model.json``."""
+    name = _architecture_key(config)
+    cls = ARCHITECTURES.get(name)
+    if cls is None:
+        raise ConfigError(f"model architecture {name!r} is not one of {', '.join(map(repr, ARCHITECTURES))}")
+    hyper = {k: v for k, v in config.items() if k not in IO_KEYS}
+    return validate(cls, hyper, f"model architecture {name!r}")
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its artifact config (``architecture`` + hyperparameters)."""
-    arch = config.get("architecture")
-    if arch == "mlp":
-        return MLP(
-            input_dim=int(config["input_dim"]),
-            output_dim=int(config["output_dim"]),
-            hidden=[int(h) for h in config["hidden"]],
-            dropout=float(config.get("dropout", 0.0)),
-            activation=str(config.get("activation", "relu")),
-        )
-    if arch == "char_lm":
-        return CharTransformerLM(
-            vocab_size=int(config.get("vocab_size", 256)),
-            d_model=int(config["d_model"]),
-            n_heads=int(config["n_heads"]),
-            n_layers=int(config["n_layers"]),
-            seq_len=int(config["seq_len"]),
-            dropout=float(config.get("dropout", 0.0)),
-        )
-    raise ValueError(f"unknown model architecture {arch!r}; known: ['char_lm', 'mlp']")
+    """Rebuild a model from its ``model.json`` (architecture, hyperparameters, widths)."""
+    arch = architecture_of(config)
+    return arch.build(ModelIO(int(config["input_dim"]), int(config["output_dim"])))

@@ -10,10 +10,16 @@ values, so any UTF-8 text is its own tokenization.
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
+
+from runtime.models._base import Architecture, ModelIO
+
+VOCAB_SIZE = 256  # bytes
 
 
 class _CausalSelfAttention(nn.Module):
@@ -104,6 +110,44 @@ class CharTransformerLM(nn.Module):
             x = block(x)
         logits: torch.Tensor = self.head(self.ln_f(x))
         return logits
+
+    @torch.inference_mode()
+    def generate(self, prompt: bytes, max_new_bytes: int) -> bytes:
+        """Greedy continuation of ``prompt`` (the last ``seq_len`` bytes are the context)."""
+        device = self.tok_emb.weight.device
+        out = bytearray(prompt or b"\n")
+        for _ in range(max_new_bytes):
+            idx = torch.tensor([list(out[-self.seq_len :])], dtype=torch.long, device=device)
+            out.append(int(self(idx)[0, -1].argmax()))
+        return bytes(out[len(prompt) :]) if prompt else bytes(out[1:])
+
+
+class CharLMConfig(Architecture):
+    """``model: {architecture: char_lm, d_model: 768, n_heads: 12, n_layers: 12, seq_len: 1024}``."""
+
+    architecture: Literal["char_lm"] = "char_lm"
+    inputs: ClassVar[Literal["features", "tokens"]] = "tokens"
+    d_model: int = Field(default=128, gt=0, description="Width of the residual stream.")
+    n_heads: int = Field(default=4, gt=0, description="Attention heads; must divide d_model.")
+    n_layers: int = Field(default=2, gt=0, description="Transformer blocks.")
+    seq_len: int = Field(default=128, gt=0, description="Context length in bytes.")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> CharLMConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}): each head gets "
+                f"d_model / n_heads dims; e.g. d_model {self.n_heads * max(1, round(self.d_model / self.n_heads))}"
+            )
+        return self
+
+    @property
+    def io(self) -> ModelIO:
+        return ModelIO(VOCAB_SIZE, VOCAB_SIZE)
+
+    def build(self, io: ModelIO) -> nn.Module:
+        return CharTransformerLM(io.input_dim, self.d_model, self.n_heads, self.n_layers, self.seq_len, self.dropout)
 
 
 def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

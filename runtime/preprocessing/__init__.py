@@ -12,12 +12,14 @@ Numeric order of operations: validate -> impute nulls -> clip -> log1p -> standa
 or bucketize (one-hot) instead of standardize. Categoricals map unseen, infrequent and
 null values to the OOV code 0 (column ``name=<oov>``).
 
-This package imports only the standard library, numpy, pyarrow, pyyaml and pydantic, so a
-serving image can use it without the training stack.
+This package imports only the standard library, numpy, pyarrow, pyyaml, pydantic and the
+bottom of skewless (``runtime.config``, ``runtime.errors``, ``runtime.tasks``), so a serving
+image can use it without the training stack.
 """
 
-from runtime.preprocessing._fingerprint import code_fingerprint
+from runtime.preprocessing._fingerprint import code_fingerprint, package_files, source_fingerprint
 from runtime.preprocessing._fit import fit
+from runtime.preprocessing._plan import input_schema_of
 from runtime.preprocessing._spec import (
     CategoricalFeature,
     FeatureSpec,
@@ -26,10 +28,12 @@ from runtime.preprocessing._spec import (
     PassthroughFeature,
     load_spec,
 )
-from runtime.preprocessing._stage import features_and_labels, transform_batch
+from runtime.preprocessing._stage import FEATURES, LABEL, features_and_labels, transform_batch
 from runtime.preprocessing._transform import FittedPreprocessor
 
 __all__ = [
+    "FEATURES",
+    "LABEL",
     "CategoricalFeature",
     "FeatureSpec",
     "FittedPreprocessor",
@@ -39,6 +43,9 @@ __all__ = [
     "code_fingerprint",
     "features_and_labels",
     "fit",
+    "input_schema_of",
     "load_spec",
+    "package_files",
+    "source_fingerprint",
     "transform_batch",
 ]

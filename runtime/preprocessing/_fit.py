@@ -24,6 +24,7 @@ from runtime.preprocessing._spec import (
     NumericFeature,
 )
 from runtime.preprocessing._transform import FittedPreprocessor
+from runtime.tasks import task_for
 
 __all__ = ["fit"]
 
@@ -124,7 +125,8 @@ def _fit_categorical(feature: CategoricalFeature, arr: pa.Array) -> dict[str, An
 
 
 def _fit_label(label: LabelSpec, arr: pa.Array) -> dict[str, Any]:
-    if label.task == "regression":
+    task = task_for(label.task)
+    if not task.classification:
         float_array(arr, label.name)  # a numeric column; its values are checked by transform_label
         return {"kind": "float", "classes": None}
     kind = label_kind(arr.type)
@@ -151,10 +153,10 @@ def _fit_label(label: LabelSpec, arr: pa.Array) -> dict[str, Any]:
             raise SchemaValidationError(label.name, row, float(values[row]), "a class label must be finite")
     if not classes:
         raise PreprocessingError(f"label column {label.name!r} has no non-null value to learn classes from")
-    if label.task == "binary" and len(classes) > 2:
+    if task.max_classes is not None and len(classes) > task.max_classes:
         shown = classes[:10]
         raise PreprocessingError(
-            f"label {label.name!r} has task binary but {len(classes)} classes in the fit table "
+            f"label {label.name!r} has task {task.name} but {len(classes)} classes in the fit table "
             f"(first {shown}); use task: multiclass"
         )
     return {"kind": kind, "classes": classes}

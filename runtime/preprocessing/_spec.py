@@ -2,29 +2,27 @@
 
 Every model forbids unknown keys; :func:`load_spec`, :meth:`FeatureSpec.from_yaml`,
 :meth:`FeatureSpec.from_dict` and :meth:`FeatureSpec.model_validate` turn pydantic's
-``ValidationError`` into a :class:`~runtime.errors.ConfigError` that names the field path,
-the bad value, the rule and, for an unknown key, the closest valid key.
+``ValidationError`` into a :class:`~runtime.errors.ConfigError` (through
+:func:`runtime.config.validate`) that names the field path, the bad value, the rule and,
+for an unknown key, the closest valid key.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from runtime.config import StrictModel, read_yaml, validate
 from runtime.errors import ConfigError
+from runtime.tasks import task_for
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     from typing_extensions import Self
-
-    from runtime.preprocessing._transform import FittedPreprocessor
 
 __all__ = [
     "CategoricalFeature",
@@ -39,25 +37,30 @@ __all__ = [
 _Name = Annotated[str, Field(min_length=1, description="Column name in the input table or request.")]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _check_finite(value: float | None, what: str) -> None:
     if value is not None and not math.isfinite(value):
         raise ValueError(f"{what} must be finite, got {value!r}")
 
 
-class LabelSpec(_Model):
+class LabelSpec(StrictModel):
     """The target column. Never needed at serving time."""
 
     name: _Name
-    task: Literal["binary", "multiclass", "regression"] = Field(
-        description="binary / multiclass -> int64 class indices; regression -> float32."
+    task: str = Field(
+        description="A task of runtime.tasks.TASKS: binary / multiclass -> int64 class indices; regression -> float32."
     )
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        try:
+            task_for(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
-class NumericFeature(_Model):
+
+class NumericFeature(StrictModel):
     """A number: validate -> impute nulls -> clip -> log1p -> standardize (or bucketize).
 
     With ``bucketize`` the value after clip/log1p is one-hot encoded into
@@ -132,7 +135,7 @@ class NumericFeature(_Model):
         return self
 
 
-class CategoricalFeature(_Model):
+class CategoricalFeature(StrictModel):
     """A string with a vocabulary fit on the training table; OOV is index 0."""
 
     name: _Name
@@ -145,7 +148,7 @@ class CategoricalFeature(_Model):
     )
 
 
-class PassthroughFeature(_Model):
+class PassthroughFeature(StrictModel):
     """A number passed through as float32; a null becomes NaN."""
 
     name: _Name
@@ -155,14 +158,9 @@ class PassthroughFeature(_Model):
 
 
 Feature = Annotated[NumericFeature | CategoricalFeature | PassthroughFeature, Field(discriminator="type")]
-_FEATURE_MODELS: dict[str, type[BaseModel]] = {
-    "numeric": NumericFeature,
-    "categorical": CategoricalFeature,
-    "passthrough": PassthroughFeature,
-}
 
 
-class FeatureSpec(_Model):
+class FeatureSpec(StrictModel):
     """The declared features (in output order) and the optional label."""
 
     label: LabelSpec | None = Field(None, description="The target; absent for a features-only spec.")
@@ -182,10 +180,7 @@ class FeatureSpec(_Model):
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
         """pydantic's ``model_validate``, raising :class:`ConfigError` with did-you-mean hints."""
-        try:
-            return super().model_validate(obj, **kwargs)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, cls)) from None
+        return cls.from_dict(obj)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> Self:
@@ -193,129 +188,21 @@ class FeatureSpec(_Model):
         if not isinstance(data, Mapping):
             where = f"{source}: " if source else ""
             raise ConfigError(f"{where}a feature spec must be a mapping with 'features', got {type(data).__name__}")
-        try:
-            return super().model_validate(dict(data))
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, cls, source)) from None
+        return validate(cls, data, f"invalid feature spec{f' {source!r}' if source else ''}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Self:
         """Read and validate a YAML spec file."""
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"feature spec {str(p)!r} cannot be read: {exc.strerror or exc}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"feature spec {str(p)!r} is not valid YAML: {exc}") from None
-        return cls.from_dict(data, source=str(p))
+        data = read_yaml(path, "feature spec")
+        return cls.from_dict(data, source=str(path))
 
     def to_yaml(self) -> str:
         """The spec as YAML, with every default written out."""
+        import yaml
+
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-    def input_schema(self) -> pa.Schema:
-        """The raw input columns (features only) with their arrow types."""
-        from runtime.preprocessing._plan import input_schema_of
-
-        return input_schema_of(self)
-
-    def fit(self, table: pa.Table) -> FittedPreprocessor:
-        """Alias of :func:`runtime.preprocessing.fit`."""
-        from runtime.preprocessing._fit import fit
-
-        return fit(self, table)
 
 
 def load_spec(path: str | Path) -> FeatureSpec:
     """Read and validate a feature spec YAML file (raises :class:`ConfigError`)."""
     return FeatureSpec.from_yaml(path)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _model_at(root: type[BaseModel], loc: Sequence[int | str]) -> tuple[type[BaseModel] | None, str]:
-    """The model that owns the last element of ``loc`` and the human path of ``loc``."""
-    model: type[BaseModel] | None = root
-    path = ""
-    i = 0
-    while i < len(loc):
-        part = loc[i]
-        if isinstance(part, int):
-            path += f"[{part}]"
-            i += 1
-            continue
-        if model is FeatureSpec and part == "features":
-            path += ".features" if path else "features"
-            # the discriminated union puts the tag after the list index
-            if i + 2 < len(loc) and isinstance(loc[i + 1], int) and loc[i + 2] in _FEATURE_MODELS:
-                path += f"[{loc[i + 1]}]"
-                model = _FEATURE_MODELS[str(loc[i + 2])]
-                i += 3
-            else:
-                model = None
-                i += 1
-            continue
-        if model is FeatureSpec and part == "label":
-            model = LabelSpec
-        elif i < len(loc) - 1:
-            model = None
-        path += f".{part}" if path else str(part)
-        i += 1
-    return model, path
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def format_validation_error(exc: ValidationError, root: type[BaseModel], source: str | None = None) -> str:
-    """One line per problem: ``path: value breaks rule (did you mean ...?)``."""
-    lines = []
-    errors = exc.errors()
-    for err in errors:
-        loc = tuple(err["loc"])
-        kind = err["type"]
-        if kind == "too_short" and any(len(e["loc"]) > len(loc) and tuple(e["loc"][: len(loc)]) == loc for e in errors):
-            continue  # "features is empty" only because its items failed: noise
-        if kind == "extra_forbidden":
-            owner, _ = _model_at(root, loc[:-1])
-            _, path = _model_at(root, loc)
-            key = str(loc[-1])
-            valid = sorted(owner.model_fields) if owner is not None else []
-            hint = difflib.get_close_matches(key, valid, n=1)
-            line = f"{path}: unknown key {key!r}"
-            if hint:
-                line += f" (did you mean {hint[0]!r}?)"
-            elif valid:
-                line += f"; valid keys: {', '.join(valid)}"
-        elif kind == "union_tag_invalid":
-            _, path = _model_at(root, loc)
-            tag = err.get("ctx", {}).get("tag", err.get("input"))
-            hint = difflib.get_close_matches(str(tag), list(_FEATURE_MODELS), n=1)
-            line = f"{path}.type: value {_short(tag)} is not a feature type; use one of {', '.join(_FEATURE_MODELS)}"
-            if hint:
-                line += f" (did you mean {hint[0]!r}?)"
-        elif kind == "union_tag_not_found":
-            _, path = _model_at(root, loc)
-            line = f"{path}: missing key 'type' (one of {', '.join(_FEATURE_MODELS)})"
-        elif kind == "missing":
-            _, path = _model_at(root, loc)
-            line = f"{path}: required key is missing"
-        else:
-            _, path = _model_at(root, loc)
-            msg = err["msg"].removeprefix("Value error, ")
-            value = err.get("input")
-            if isinstance(value, Mapping):  # a model-level rule: the message names the values
-                line = f"{path or '<spec>'}: {msg}"
-            else:
-                line = f"{path or '<spec>'}: value {_short(value)} breaks rule: {msg}"
-        lines.append(line)
-    head = f"invalid feature spec{f' {source!r}' if source else ''}"
-    if len(lines) == 1:
-        return f"{head}: {lines[0]}"
-    return head + ":\n" + "\n".join(f"  - {line}" for line in lines)

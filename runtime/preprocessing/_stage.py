@@ -29,10 +29,14 @@ def features_and_labels(prep: FittedPreprocessor, table: pa.Table) -> dict[str, 
     return {FEATURES: prep.transform(table), LABEL: prep.transform_label(table)}
 
 
-def transform_batch(batch: pa.Table, *, state: str) -> dict[str, np.ndarray]:
-    """The Ray Data stage: ``state`` is :meth:`FittedPreprocessor.to_json`.
+def transform_batch(batch: pa.Table, *, state: str, keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The Ray Data stage: ``state`` is :meth:`FittedPreprocessor.to_json`; the columns named
+    in ``keep`` (e.g. a row key) pass through unchanged.
 
     A row that breaks the feature spec raises :class:`~runtime.errors.SchemaValidationError`
     naming the column and the rule; its row number counts within this batch, not the dataset.
     """
-    return features_and_labels(cached_preprocessor(state), batch)
+    out = features_and_labels(cached_preprocessor(state), batch)
+    for name in keep:
+        out[name] = batch.column(name).to_numpy()
+    return out

@@ -26,10 +26,16 @@ from runtime.preprocessing._columns import (
     records_column,
     string_array,
 )
-from runtime.preprocessing._fingerprint import canonical_json, code_fingerprint, preprocessor_fingerprint
+from runtime.preprocessing._fingerprint import (
+    canonical_json,
+    code_fingerprint,
+    part_fingerprints,
+    preprocessor_fingerprint,
+)
 from runtime.preprocessing._ops import checked_values
 from runtime.preprocessing._plan import Plan
 from runtime.preprocessing._spec import FeatureSpec
+from runtime.tasks import task_for
 
 __all__ = ["FittedPreprocessor"]
 
@@ -133,6 +139,12 @@ class FittedPreprocessor:
     def code_fingerprint(self) -> str:
         """The preprocessing code fingerprint recorded when this was fit."""
         return self._code_fingerprint
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        """The parts reported separately: the code's (as recorded), the spec's and the state's."""
+        parts = part_fingerprints(self._spec_dict, json.loads(self._state_json))
+        return {"preprocessing_code": self._code_fingerprint, **parts}
 
     def __repr__(self) -> str:
         return (
@@ -242,7 +254,7 @@ class FittedPreprocessor:
         arr = column_of(_require_table(table), label.name)
         if arr.null_count:
             raise SchemaValidationError(label.name, first_null_row(arr), None, "a label must not be null")
-        if label.task == "regression":
+        if not task_for(label.task).classification:
             values, _ = checked_values(float_array(arr, label.name), label.name, False, False)
             return values.astype(np.float32)
         kind = label_kind(arr.type)

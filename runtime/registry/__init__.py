@@ -1,11 +1,21 @@
-"""MLflow: the embedded store, lineage, model packaging, registration, aliases and loading."""
+"""MLflow: the embedded store, lineage, model packaging, verification, registration, aliases."""
 
-from runtime.registry._lineage import GitInfo, environment_lock, git_info, hardware
+from runtime.registry._lineage import (
+    GitInfo,
+    Lineage,
+    LineageRecord,
+    Tag,
+    environment_lock,
+    git_info,
+    hardware,
+    model_lineage,
+)
 from runtime.registry._package import (
     MANIFEST,
     LoadedModel,
-    Predictions,
+    inference_code_fingerprint,
     load_model_dir,
+    model_json,
     sha256_file,
     verify_model_dir,
     write_model_dir,
@@ -15,15 +25,20 @@ from runtime.registry._registry import (
     CHAMPION,
     MANIFEST_TAG,
     ModelRef,
+    VerifiedModel,
     current_champion,
     download,
     load,
+    load_pyfunc,
     log_pyfunc_model,
     register,
     resolve,
     set_alias,
+    verify,
 )
+from runtime.registry._run_logger import RunLogger
 from runtime.registry._store import configure_mlflow, ensure_experiment, skewless_home, tracking_uri
+from runtime.tasks import Predictions
 
 __all__ = [
     "CANDIDATE",
@@ -31,9 +46,14 @@ __all__ = [
     "MANIFEST",
     "MANIFEST_TAG",
     "GitInfo",
+    "Lineage",
+    "LineageRecord",
     "LoadedModel",
     "ModelRef",
     "Predictions",
+    "RunLogger",
+    "Tag",
+    "VerifiedModel",
     "configure_mlflow",
     "current_champion",
     "download",
@@ -41,15 +61,20 @@ __all__ = [
     "environment_lock",
     "git_info",
     "hardware",
+    "inference_code_fingerprint",
     "load",
     "load_model_dir",
+    "load_pyfunc",
     "log_pyfunc_model",
+    "model_json",
+    "model_lineage",
     "register",
     "resolve",
     "set_alias",
     "sha256_file",
     "skewless_home",
     "tracking_uri",
+    "verify",
     "verify_model_dir",
     "write_model_dir",
 ]

@@ -3,12 +3,17 @@
 Layout of a packaged model directory (no pickle anywhere)::
 
     weights.safetensors   the state dict
-    model.json            architecture, hyperparameters, task, classes, target scaling
-    preprocessor.json     the fitted preprocessing state (FittedPreprocessor.to_json())
-    manifest.json         sha256 of each file above + the preprocessing fingerprints
+    model.json            architecture, hyperparameters, widths, task, classes, target scaling
+    preprocessor.json     the fitted preprocessing state (FittedPreprocessor.to_json()); absent
+                          for a model without tabular preprocessing (the byte-level LM)
+    manifest.json         sha256 of each file above, the code fingerprint of everything between
+                          a raw row and a prediction, and the preprocessing's parts
 
-:func:`load_model_dir` verifies every sha256 before reading a byte of the weights, and
-refuses a preprocessing *code* fingerprint that differs from the installed package's.
+:func:`load_model_dir` verifies every sha256 (and that no other file is there) before reading
+a byte of the weights, and refuses a model whose inference code fingerprint differs from the
+installed code's: the preprocessing package, :mod:`runtime.tasks` (the output head and the
+post-processing) and the model's architecture module, as normalized source (a comment or
+docstring edit does not count; a code change does).
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +29,13 @@ import numpy as np
 import pyarrow as pa
 
 from runtime.errors import ArtifactIntegrityError, FingerprintMismatchError, RegistryError
-from runtime.preprocessing import FittedPreprocessor, code_fingerprint
+from runtime.models import Architecture, ModelIO, architecture_of, build_model
+from runtime.preprocessing import FittedPreprocessor, package_files, source_fingerprint
+from runtime.tasks import Head, Predictions, Task, task_for
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS, MODEL_JSON, PREPROCESSOR_JSON, MANIFEST = (
     "weights.safetensors",
     "model.json",
@@ -46,67 +52,81 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def inference_code_files(model_config: dict[str, Any]) -> list[Path]:
+    """The source files that run between a raw row and this model's prediction."""
+    import runtime.preprocessing
+    import runtime.tasks
+
+    architecture = architecture_of(model_config)
+    files = [Path(runtime.tasks.__file__), *type(architecture).source_files()]
+    if architecture.inputs == "features":  # a model over the shared preprocessing
+        files += package_files(Path(runtime.preprocessing.__file__).parent)
+    return files
+
+
+def inference_code_fingerprint(model_config: dict[str, Any]) -> str:
+    """The normalized-source fingerprint of :func:`inference_code_files`, as installed here."""
+    return source_fingerprint(inference_code_files(model_config))
+
+
+def model_json(
+    architecture: Architecture,
+    preprocessor: FittedPreprocessor,
+    task: Task,
+    target_scale: tuple[float, float] = (0.0, 1.0),
+) -> dict[str, Any]:
+    """The ``model.json`` of a model over ``preprocessor``'s features: the architecture's
+    hyperparameters, the widths, and what the task's head means (classes, target scaling)."""
+    classes = preprocessor.classes
+    return architecture.artifact_config(
+        ModelIO(preprocessor.output_dim, task.output_dim(classes)),
+        task=task.name,
+        classes=classes,
+        target_scale=list(target_scale),
+        feature_names=preprocessor.feature_names,
+    )
+
+
 def write_model_dir(
     directory: str | os.PathLike[str],
     state_dict: dict[str, Any],
     model_config: dict[str, Any],
-    preprocessor: FittedPreprocessor,
+    preprocessor: FittedPreprocessor | None,
 ) -> Path:
-    """Write a packaged model directory and its manifest."""
-    from safetensors.torch import save_file
+    """Write a packaged model directory and its manifest. The weights are loaded into the model
+    ``model_config`` builds first (so they fit it, strictly) and saved from it (tied weights once)."""
+    from safetensors.torch import save_model
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(out / WEIGHTS))
+    module = build_model(model_config)
+    module.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True)
+    save_model(module, str(out / WEIGHTS))
     (out / MODEL_JSON).write_text(json.dumps(model_config, indent=2, sort_keys=True))
-    (out / PREPROCESSOR_JSON).write_text(preprocessor.to_json())
+    names = [WEIGHTS, MODEL_JSON]
+    if preprocessor is not None:
+        (out / PREPROCESSOR_JSON).write_text(preprocessor.to_json())
+        names.append(PREPROCESSOR_JSON)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "files": {name: sha256_file(out / name) for name in (WEIGHTS, MODEL_JSON, PREPROCESSOR_JSON)},
-        "preprocessing_fingerprint": preprocessor.fingerprint,
-        "preprocessing_code_fingerprint": preprocessor.code_fingerprint,
+        "files": {name: sha256_file(out / name) for name in names},
+        "code_fingerprint": inference_code_fingerprint(model_config),
+        "preprocessing": None
+        if preprocessor is None
+        else {"fingerprint": preprocessor.fingerprint, **preprocessor.fingerprints},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return out
 
 
-@dataclass(frozen=True)
-class Predictions:
-    """Model outputs for a batch of rows.
-
-    ``values`` are the predicted labels (classification) or values (regression);
-    ``probabilities`` is ``(n, len(classes))`` float32 for classification, else None.
-    """
-
-    values: list[Any]
-    probabilities: np.ndarray | None
-    classes: list[Any] | None
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def slice(self, start: int, stop: int) -> Predictions:
-        """Rows ``start:stop`` (to answer each request of a batched model call)."""
-        probs = None if self.probabilities is None else self.probabilities[start:stop]
-        return Predictions(self.values[start:stop], probs, self.classes)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"predictions": self.values}
-        if self.probabilities is not None:
-            out["probabilities"] = self.probabilities.tolist()
-            out["classes"] = self.classes
-        return out
-
-
 class LoadedModel:
-    """A verified model with its fitted preprocessing, ready to predict from raw rows."""
+    """A verified model (with its fitted preprocessing, when it has one), ready to predict."""
 
     def __init__(
         self,
         directory: Path,
         model_config: dict[str, Any],
-        preprocessor: FittedPreprocessor,
+        preprocessor: FittedPreprocessor | None,
         module: Any,
         manifest: dict[str, Any],
     ) -> None:
@@ -115,7 +135,8 @@ class LoadedModel:
         self.preprocessor = preprocessor
         self.module = module
         self.manifest = manifest
-        self.task: str = model_config["task"]
+        self.task: Task | None = task_for(model_config["task"]) if model_config.get("task") else None
+        self.head = Head.from_config(model_config)
         self.classes: list[Any] | None = model_config.get("classes")
 
     def _forward(self, features: np.ndarray) -> np.ndarray:
@@ -126,45 +147,53 @@ class LoadedModel:
         result: np.ndarray = out.numpy()
         return result
 
+    def _tabular(self) -> tuple[Task, FittedPreprocessor]:
+        if self.task is None or self.preprocessor is None:
+            raise RegistryError(
+                f"{self.directory}: a {self.config.get('architecture')!r} model has no feature preprocessing; "
+                "it does not predict from rows"
+            )
+        return self.task, self.preprocessor
+
     def predict_features(self, features: np.ndarray) -> Predictions:
         """Predict from an already-transformed float32 feature matrix."""
-        out = self._forward(features)
-        if self.task == "regression":
-            scale = self.config.get("target_scale", [0.0, 1.0])
-            values = (out[:, 0].astype(np.float64) * scale[1] + scale[0]).tolist()
-            return Predictions(values, None, None)
-        assert self.classes is not None  # written by training for classification
-        if self.task == "binary":
-            p1 = 1.0 / (1.0 + np.exp(-out[:, 0].astype(np.float64)))
-            probs = np.stack([1.0 - p1, p1], axis=1).astype(np.float32)
-        else:
-            shifted = out.astype(np.float64) - out.max(axis=1, keepdims=True)
-            e = np.exp(shifted)
-            probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-        idx = probs.argmax(axis=1)
-        return Predictions([self.classes[i] for i in idx], probs, list(self.classes))
+        task, _ = self._tabular()
+        return task.predict(self._forward(features), self.head)
 
     def predict_table(self, table: pa.Table) -> Predictions:
         """Raw rows (an Arrow table) -> the shared preprocessing -> the model."""
-        return self.predict_features(self.preprocessor.transform(table))
+        _, prep = self._tabular()
+        return self.predict_features(prep.transform(table))
 
     def predict_records(self, records: list[dict[str, Any]]) -> Predictions:
         """Raw JSON-like rows -> Arrow -> the same ``transform`` -> the model."""
-        return self.predict_table(self.preprocessor.records_to_table(records))
+        _, prep = self._tabular()
+        return self.predict_table(prep.records_to_table(records))
 
 
 def verify_model_dir(directory: Path) -> dict[str, Any]:
-    """Check every file's sha256 against the manifest; returns the manifest."""
+    """Check every file's sha256 against the manifest, and that the manifest lists every file
+    there; returns the manifest."""
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
         raise ArtifactIntegrityError(f"{directory}: no {MANIFEST}; not a skewless model directory")
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        raise ArtifactIntegrityError(f"{manifest_path}: not valid JSON ({exc})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise RegistryError(
-            f"{directory}: model format_version {manifest.get('format_version')!r} is not "
-            f"{FORMAT_VERSION}; upgrade skewless to load it"
+            f"{directory}: model format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION} "
+            "(models packaged before the normalized code fingerprint); retrain it with this skewless"
         )
-    for name, expected in manifest["files"].items():
+    files = manifest.get("files") or {}
+    if MODEL_JSON not in files or WEIGHTS not in files:
+        raise ArtifactIntegrityError(f"{manifest_path}: lists no weights and model.json; refusing to load")
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    unlisted = sorted(present - set(files) - {MANIFEST})
+    if unlisted:
+        raise ArtifactIntegrityError(f"{directory}: files not in the manifest: {unlisted}; refusing to load")
+    for name, expected in files.items():
         path = directory / name
         if not path.exists():
             raise ArtifactIntegrityError(f"{path}: listed in the manifest but missing")
@@ -178,27 +207,26 @@ def verify_model_dir(directory: Path) -> dict[str, Any]:
 
 
 def load_model_dir(directory: str | os.PathLike[str], allow_fingerprint_mismatch: bool = False) -> LoadedModel:
-    """Verify, check the preprocessing code fingerprint, and load without pickle."""
-    from safetensors.torch import load_file
-
-    from runtime.models import build_model
+    """Verify, check the inference code fingerprint, and load without pickle."""
+    from safetensors.torch import load_model
 
     root = Path(directory)
     manifest = verify_model_dir(root)
-    expected = manifest["preprocessing_code_fingerprint"]
-    actual = code_fingerprint()
+    config = json.loads((root / MODEL_JSON).read_text())
+    expected = manifest["code_fingerprint"]
+    actual = inference_code_fingerprint(config)
     if expected != actual:
-        err = FingerprintMismatchError(expected, actual)
+        err = FingerprintMismatchError(expected, actual, what="inference code")
         if not allow_fingerprint_mismatch:
             raise err
         logger.warning("LOADING ANYWAY (allow_fingerprint_mismatch=true): %s", err)
-    preprocessor = FittedPreprocessor.from_json((root / PREPROCESSOR_JSON).read_text())
-    if preprocessor.fingerprint != manifest["preprocessing_fingerprint"] and not allow_fingerprint_mismatch:
-        raise FingerprintMismatchError(
-            manifest["preprocessing_fingerprint"], preprocessor.fingerprint, what="fitted preprocessing"
-        )
-    config = json.loads((root / MODEL_JSON).read_text())
+    preprocessor = None
+    if (root / PREPROCESSOR_JSON).exists():
+        preprocessor = FittedPreprocessor.from_json((root / PREPROCESSOR_JSON).read_text())
+        recorded = (manifest.get("preprocessing") or {}).get("fingerprint")
+        if preprocessor.fingerprint != recorded and not allow_fingerprint_mismatch:
+            raise FingerprintMismatchError(str(recorded), preprocessor.fingerprint, what="fitted preprocessing")
     module = build_model(config)
-    module.load_state_dict(load_file(str(root / WEIGHTS)), strict=True)
+    load_model(module, str(root / WEIGHTS), strict=True)
     module.eval()
     return LoadedModel(root, config, preprocessor, module, manifest)

@@ -1,7 +1,10 @@
 """The MLflow pyfunc flavor of a skewless model (logged as "models from code", no pickle).
 
-``mlflow.pyfunc.load_model("models:/<name>@champion").predict(df)`` takes raw rows and runs
-them through the same preprocessing and weights the Serve app uses.
+``mlflow.pyfunc.load_model(...)`` on a tabular model takes raw rows and runs them through the
+same preprocessing and weights the Serve app uses; on the byte-level language model it takes a
+``prompt`` column and returns a greedy ``continuation`` of ``max_new_bytes`` (a param, 64 by
+default). MLflow runs this file when it loads the model: skewless verifies the artifacts first
+(:func:`runtime.registry.verify`, ``skewless models verify``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class SkewlessPyfuncModel(PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
+        if self._model.preprocessor is None:
+            return self._generate(model_input, int((params or {}).get("max_new_bytes", 64)))
         # Missing values (NaN/None/NA) become JSON-style nulls, exactly as in a request.
         frame = model_input.astype(object).where(model_input.notna(), None)
         records = frame.to_dict(orient="records")
@@ -31,6 +36,13 @@ class SkewlessPyfuncModel(PythonModel):
             for i, cls in enumerate(preds.classes):
                 out[f"probability_{cls}"] = preds.probabilities[:, i]
         return out
+
+    def _generate(self, model_input: pd.DataFrame, max_new_bytes: int) -> pd.DataFrame:
+        prompts = [str(p).encode("utf-8") for p in model_input["prompt"]]
+        generate = self._model.module.generate
+        return pd.DataFrame(
+            {"continuation": [generate(p, max_new_bytes).decode("utf-8", errors="replace") for p in prompts]}
+        )
 
 
 mlflow.models.set_model(SkewlessPyfuncModel())

@@ -2,7 +2,8 @@
 
 The key comes from the Serve app args or from an environment variable (so it can live in
 a secret store, not in a YAML file). It is compared in constant time and never logged,
-echoed or put in an error body; health routes stay open so probes need no secret.
+echoed or put in an error body. Which routes need it is the route table's call
+(:data:`runtime.serving.ROUTES`): health stays open so probes need no secret.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import os
 from runtime.errors import ConfigError
 from runtime.serving._codec import HttpError
 
-__all__ = ["DEFAULT_API_KEY_ENV", "OPEN_PATHS", "ApiKeyAuth"]
+__all__ = ["DEFAULT_API_KEY_ENV", "ApiKeyAuth"]
 
 DEFAULT_API_KEY_ENV = "SKEWLESS_API_KEY"
-OPEN_PATHS = frozenset({"/healthz", "/-/healthz", "/-/routes"})
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 _RULE = 'send "Authorization: Bearer <key>"'
 
@@ -66,11 +66,6 @@ class ApiKeyAuth:
             token.strip().encode("utf-8", "surrogatepass"), self._key
         ):
             raise HttpError(401, "Authorization", None, _RULE, headers=_CHALLENGE)
-
-    @staticmethod
-    def is_open_path(path: str) -> bool:
-        """Health and route-listing paths answer without a key."""
-        return (path.rstrip("/") or "/") in OPEN_PATHS
 
 
 def _checked(key: str, source: str) -> str:

@@ -31,7 +31,7 @@ from runtime.errors import PreprocessingError, SchemaValidationError, SkewlessEr
 
 if TYPE_CHECKING:
     from runtime.preprocessing import FittedPreprocessor
-    from runtime.registry import Predictions
+    from runtime.tasks import Predictions
 
 __all__ = [
     "ACCEPTED_CONTENT_TYPES",

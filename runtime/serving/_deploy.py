@@ -9,6 +9,7 @@ import yaml
 
 from runtime.config import ServeAppArgs, load_config
 from runtime.errors import ConfigError, ServingError
+from runtime.redact import redact
 
 PREDICTOR_IMPORT_PATH = "serve_apps.predictor:app"
 
@@ -42,7 +43,7 @@ def validate_serve_config(
     if demands:
         total = gpu_total_bytes or _local_gpu_total()
         if total is not None:
-            from runtime.gpu import check_packing
+            from runtime.memory import check_packing
 
             try:
                 # unknown GPU count: enough GPUs that only each replica's own fit can fail
@@ -53,7 +54,7 @@ def validate_serve_config(
 
 
 def _gpu_demand(app: str, dep: Any, args: ServeAppArgs) -> Any:
-    from runtime.gpu import ReplicaDemand
+    from runtime.memory import ReplicaDemand
 
     fields = dep.model_dump(exclude_unset=True)
     gpus = float((fields.get("ray_actor_options") or {}).get("num_gpus") or 0)
@@ -66,12 +67,12 @@ def _gpu_demand(app: str, dep: Any, args: ServeAppArgs) -> Any:
 
 
 def _local_gpu_total() -> int | None:
-    from runtime.gpu import _nvml
+    from runtime.memory import gpu_available, memory, visible_devices
 
-    if not _nvml.gpu_available():
+    if not gpu_available():
         return None
-    devices = _nvml.visible_devices()
-    return _nvml.memory(devices[0]).total if devices else None
+    devices = visible_devices()
+    return memory(devices[0]).total if devices else None
 
 
 def run_app(app: Any, name: str, route_prefix: str) -> None:
@@ -96,10 +97,14 @@ def run_app(app: Any, name: str, route_prefix: str) -> None:
         raise ServingError(f"application {name!r} failed to start: {details or exc}") from exc
 
 
-def deploy_config(path: Path, address: str) -> list[str]:
-    """Deploy the applications in ``path`` to the cluster whose dashboard is ``address``."""
+def deploy_config(path: Path, address: str | None = None) -> tuple[str, list[str]]:
+    """Deploy the applications in ``path`` to the cluster whose dashboard is ``address``
+    (default: ``RAY_ADDRESS``, else the local one). Returns the address and the app names."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
+    from runtime.connect import dashboard_address
+
+    address = dashboard_address(address)
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -108,5 +113,7 @@ def deploy_config(path: Path, address: str) -> list[str]:
     try:
         ServeSubmissionClient(address).deploy_applications(schema.model_dump(exclude_unset=True))
     except Exception as exc:  # connection refused, auth, HTTP errors
-        raise ServingError(f"cannot deploy to {address}: {exc}. Is a cluster running (`ray start --head`)?") from exc
-    return [app.name for app in schema.applications]
+        raise ServingError(
+            f"cannot deploy to {redact(address)}: {redact(str(exc))}. Is a cluster running (`ray start --head`)?"
+        ) from exc
+    return address, [app.name for app in schema.applications]

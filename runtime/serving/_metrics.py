@@ -62,9 +62,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from runtime.tasks import PROBABILITY_BUCKETS, Z_GRID
+
 if TYPE_CHECKING:
     from runtime.preprocessing import FittedPreprocessor
-    from runtime.registry import LoadedModel, Predictions
+    from runtime.registry import LoadedModel
+    from runtime.tasks import Predictions
 
 __all__ = [
     "BATCH_BUCKETS",
@@ -81,8 +84,6 @@ logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = tuple(float(2**i) for i in range(15))  # 1 .. 16384 rows
-PROBABILITY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0 .. 1.0
-Z_GRID = (-3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # in fit-time standard deviations
 GENERIC_BUCKETS = (-1e4, -1e3, -100.0, -10.0, -1.0, 0.0, 1.0, 10.0, 100.0, 1e3, 1e4)
 MAX_LABEL_VALUES = 50
 OTHER, NULL = "__other__", "__null__"
@@ -413,15 +414,13 @@ class ServingMetrics:
         backend: Literal["ray", "prometheus"] = "ray",
         flush_interval_s: float = 1.0,
     ) -> ServingMetrics:
-        """Buckets from the fitted state: feature bounds, vocabularies, and the target's scale."""
+        """Buckets from the fitted state: feature bounds, vocabularies, and the task's prediction buckets."""
         prep = model.preprocessor
+        if prep is None or model.task is None:
+            raise ValueError(f"model {model_name!r} does not predict from rows of features; no serving metrics")
         state = prep.state["features"]
         categorical = {f.name: state[f.name]["vocabulary"] for f in prep.spec.features if f.type == "categorical"}
-        if model.task == "regression":
-            mean, std = model.config.get("target_scale", [0.0, 1.0])
-            predictions: Sequence[float] = [mean + std * z for z in Z_GRID]
-        else:
-            predictions = PROBABILITY_BUCKETS
+        predictions = model.task.prediction_buckets(model.head)
         return cls(
             model_name,
             model_version,

@@ -1,6 +1,7 @@
 """Offline/online parity: the same raw rows scored by MLflow's pyfunc and over HTTP.
 
-Offline goes through ``mlflow.pyfunc.load_model(model_uri).predict(DataFrame)``; online
+Offline goes through MLflow's own ``mlflow.pyfunc.load_model(...).predict(DataFrame)`` (on a copy
+whose every file was verified first: :func:`runtime.registry.load_pyfunc`); online
 through ``POST /predict`` on the live Serve app. Both must give identical labels and
 bit-identical probabilities, because both run the one ``runtime.preprocessing`` transform
 and the same weights.
@@ -45,14 +46,12 @@ def _online(endpoint: str, records: list[dict[str, Any]], timeout: float) -> dic
 
 def check_parity(endpoint: str, model_uri: str, rows: pa.Table, timeout: float = 60.0) -> ParityReport:
     """Score ``rows`` (raw features; a label column is ignored) offline and online."""
-    import mlflow
-
-    from runtime.registry import configure_mlflow
+    from runtime.registry import configure_mlflow, load_pyfunc
 
     configure_mlflow()
     records = rows.to_pylist()
     online = _online(endpoint, records, timeout)
-    offline = mlflow.pyfunc.load_model(model_uri).predict(rows.to_pandas())
+    offline = load_pyfunc(model_uri).predict(rows.to_pandas())  # verified before MLflow runs its code
 
     labels_equal = list(offline["prediction"]) == online["predictions"]
     if "probabilities" in online:

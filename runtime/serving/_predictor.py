@@ -1,6 +1,6 @@
 """The predictor deployment: raw rows -> the shared preprocessing -> the model.
 
-Routes (below the application's route prefix):
+Routes (below the application's route prefix; the table is :data:`runtime.serving.ROUTES`):
 
 - ``POST /predict`` with JSON ``{"instances": [{"col": value, ...}, ...]}`` answers JSON
   ``{"predictions": [...], "model": {"name", "version", "uri"}}`` (plus ``probabilities``
@@ -37,12 +37,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from runtime.config import ServeAppArgs, load_config
-from runtime.errors import SchemaValidationError
+from runtime.errors import SchemaValidationError, ServingError
+from runtime.preprocessing import FittedPreprocessor
 from runtime.serving._auth import ApiKeyAuth
 from runtime.serving._codec import HttpError, decode_request, encode_response, is_arrow
+from runtime.serving._routes import ROUTES, UNKNOWN_ROUTE
 
 logger = logging.getLogger("ray.serve")
-PREDICT, HEALTH = "/predict", "/healthz"
 INLINE_ROWS = 512
 
 
@@ -60,6 +61,12 @@ class Predictor:
         self.auth = ApiKeyAuth.for_app(self.args.api_key, self.args.api_key_env)
         self.budget = self._apply_gpu_budget()
         ref, self.model = registry.load(self.args.model_uri, self.args.allow_fingerprint_mismatch)
+        if self.model.preprocessor is None:
+            raise ServingError(
+                f"{self.args.model_uri}: a {self.model.config.get('architecture')!r} model does not predict from "
+                "rows of features; the predictor serves models trained by the tabular job"
+            )
+        self.preprocessor: FittedPreprocessor = self.model.preprocessor
         self.identity = {
             "name": ref.name if ref else None,
             "version": ref.version if ref else None,
@@ -86,9 +93,9 @@ class Predictor:
         )
 
     def _canary_table(self) -> pa.Table:
-        schema = self.model.preprocessor.input_schema
+        schema = self.preprocessor.input_schema
         row = {f.name: ("" if pa.types.is_string(f.type) else 0.0) for f in schema}
-        return self.model.preprocessor.records_to_table([row])
+        return self.preprocessor.records_to_table([row])
 
     def _apply_gpu_budget(self) -> Any:
         import ray
@@ -96,7 +103,7 @@ class Predictor:
         fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
         if not 0.0 < fraction < 1.0:
             return None
-        from runtime.gpu import DEFAULT_CONTEXT_HEADROOM, apply_budget
+        from runtime.memory import DEFAULT_CONTEXT_HEADROOM, apply_budget
 
         headroom = self.args.gpu_headroom_bytes
         return apply_budget(fraction, headroom_bytes=DEFAULT_CONTEXT_HEADROOM if headroom is None else headroom)
@@ -126,7 +133,7 @@ class Predictor:
             "replica": {"pid": os.getpid()},
         }
         if self.budget is not None:
-            from runtime.gpu import budget_usage
+            from runtime.memory import budget_usage
 
             usage = budget_usage(self.budget)
             out["gpu_budget"] = {
@@ -140,25 +147,29 @@ class Predictor:
     async def __call__(self, request: Request) -> Response:
         t0 = time.perf_counter()
         path = request.url.path[len(request.scope.get("root_path", "")) :].rstrip("/") or "/"
+        route = ROUTES.get(path)
         try:
-            response = await self._route(request, path)
+            if route is None:
+                listed = ", ".join(f"{'/'.join(sorted(r.methods))} {p}" for p, r in ROUTES.items())
+                raise HttpError(404, None, path, f"unknown route; use one of: {listed}")
+            if request.method not in route.methods:
+                allow = ", ".join(sorted(route.methods))
+                raise HttpError(405, None, request.method, f"{allow} {route.path}", headers={"Allow": allow})
+            if route.auth:
+                self.auth.check(request.headers.get("authorization"))
+            response = await route.handle(self, request)
         except HttpError as err:
             response = _error_response(err)
         except Exception:  # a bug of ours: log it, answer 500 (never die)
             logger.exception("unexpected error on %s", path)
             response = JSONResponse({"error": {"rule": "internal error; see the replica log"}}, status_code=500)
-        if self.metrics is not None and path == PREDICT:
-            self.metrics.observe_request(path, response.status_code, time.perf_counter() - t0)
+        if self.metrics is not None:
+            label = route.path if route is not None else UNKNOWN_ROUTE
+            self.metrics.observe_request(label, response.status_code, time.perf_counter() - t0)
         return response
 
-    async def _route(self, request: Request, path: str) -> Response:
-        if path == HEALTH:
-            return JSONResponse(self.health())
-        if path != PREDICT:
-            raise HttpError(404, None, path, f"unknown route; use POST {PREDICT} or GET {HEALTH}")
-        if request.method != "POST":
-            raise HttpError(405, None, request.method, f"POST {PREDICT}")
-        self.auth.check(request.headers.get("authorization"))
+    async def predict(self, request: Request) -> Response:
+        """``POST /predict`` (see the module docstring); the route table checked method and key."""
         body = await self._read_body(request)
         content_type = request.headers.get("content-type")
         arrow = is_arrow(content_type)
@@ -192,7 +203,7 @@ class Predictor:
         return decode_request(
             content_type,
             body,
-            preprocessor=self.model.preprocessor,
+            preprocessor=self.preprocessor,
             max_body_bytes=self.args.max_body_bytes,
             max_instances=self.args.max_instances,
         )

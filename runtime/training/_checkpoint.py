@@ -4,10 +4,12 @@ A checkpoint directory holds::
 
     weights.safetensors   model state dict (no pickle)
     optimizer.pt          optimizer + LR scheduler state (torch.load(weights_only=True))
-    rng-rank<r>.pt        each rank's torch / numpy / python RNG states (every rank reports
-                          its own file; Ray Train merges them into one directory)
-    train_state.json      epoch, step, micro-batch size, preprocessing fingerprint
-    preprocessor.json     the fitted preprocessing state, so a checkpoint is servable alone
+    rng-rank<r>.pt        each rank's torch / numpy / python (and CUDA) RNG states (every
+                          rank reports its own file; Ray Train merges them into one directory)
+    train_state.json      epoch, step, micro-batch size, the run's fingerprint
+    <extra files>         what the job adds: the fitted preprocessing state (preprocessor.json)
+                          and model.json, so a checkpoint is servable alone; callbacks add
+                          theirs in ``on_checkpoint`` (early stopping's best weights)
 """
 
 from __future__ import annotations
@@ -23,15 +25,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS, OPTIMIZER, STATE, PREPROCESSOR = (
-    "weights.safetensors",
-    "optimizer.pt",
-    "train_state.json",
-    "preprocessor.json",
-)
-
-
-LEGACY_RNG = "rng.pt"  # one state for all ranks, before per-rank files
+WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "train_state.json"
 
 
 def rng_file(rank: int) -> str:
@@ -44,7 +38,7 @@ class ResumePoint:
     step: int  # optimizer steps already taken
     step_in_epoch: int  # steps of ``epoch`` already taken (0 at an epoch boundary)
     micro_batch_size: int
-    preprocessor_fingerprint: str
+    run_fingerprint: str
 
 
 def _rng_state() -> dict[str, Any]:
@@ -100,20 +94,21 @@ def save_checkpoint(
     step: int,
     step_in_epoch: int,
     micro_batch_size: int,
-    preprocessor_json: str,
-    preprocessor_fingerprint: str,
+    run_fingerprint: str,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     base = model.module if hasattr(model, "module") else model
-    save_file({k: v.detach().cpu().contiguous() for k, v in base.state_dict().items()}, str(directory / WEIGHTS))
+    save_model(base, str(directory / WEIGHTS))  # tied weights (the LM's head) are stored once
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
         directory / OPTIMIZER,
     )
     save_rng_state(directory, rank)
-    (directory / PREPROCESSOR).write_text(preprocessor_json)
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
     (directory / STATE).write_text(
         json.dumps(
             {
@@ -121,7 +116,7 @@ def save_checkpoint(
                 "step": step,
                 "step_in_epoch": step_in_epoch,
                 "micro_batch_size": micro_batch_size,
-                "preprocessor_fingerprint": preprocessor_fingerprint,
+                "run_fingerprint": run_fingerprint,
             }
         )
     )
@@ -132,38 +127,37 @@ def load_checkpoint(
     model: Any,
     optimizer: Any,
     scheduler: Any,
-    expected_preprocessor: str | None = None,
+    expected_fingerprint: str | None = None,
     rank: int = 0,
 ) -> ResumePoint:
     """Restore model, optimizer, scheduler and this rank's RNG states in place; returns where
     to resume. A rank the checkpoint has no RNG file for (the run now has more workers) takes
     none: it keeps the stream its worker seeded for it (copying rank 0's would give two ranks
     the same dropout masks), with a warning; the run goes on, but not bit-identically.
-    Checkpoints from before per-rank states (one ``rng.pt``) restore that for every rank.
 
-    With ``expected_preprocessor``, a checkpoint fit on other data or features is refused
-    before any state is touched (a resumed run must continue the *same* run).
+    With ``expected_fingerprint`` (the tabular job's fitted preprocessing, the LM job's corpus
+    and model), a checkpoint of another run is refused before any state is touched (a
+    resumed run must continue the *same* run).
     """
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
     from runtime.errors import TrainingError
 
     state = json.loads((directory / STATE).read_text())
-    if expected_preprocessor and state["preprocessor_fingerprint"] != expected_preprocessor:
+    recorded = state.get("run_fingerprint") or state.get("preprocessor_fingerprint", "?")
+    if expected_fingerprint and recorded != expected_fingerprint:
         raise TrainingError(
-            f"checkpoint {directory} was trained with preprocessing {state['preprocessor_fingerprint'][:16]}, "
-            f"this run fits {expected_preprocessor[:16]} (the data or the feature spec changed); "
+            f"checkpoint {directory} belongs to a run with fingerprint {recorded[:16]}, this run has "
+            f"{expected_fingerprint[:16]} (the data, the feature spec or the model changed); "
             "use a new training.run_name to start a fresh run"
         )
-    model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    load_model(model, str(directory / WEIGHTS))
     opt = torch.load(directory / OPTIMIZER, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     if scheduler is not None and opt["scheduler"] is not None:
         scheduler.load_state_dict(opt["scheduler"])
     rng = directory / rng_file(rank)
-    if not rng.exists() and (directory / LEGACY_RNG).exists():
-        rng = directory / LEGACY_RNG
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=True))
     else:
@@ -178,5 +172,17 @@ def load_checkpoint(
         state["step"],
         state["step_in_epoch"],
         state["micro_batch_size"],
-        state["preprocessor_fingerprint"],
+        recorded,
     )
+
+
+def load_weights(directory: Path, model_config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's weights as the state dict of the model ``model_config`` builds (tied
+    weights tied again)."""
+    from safetensors.torch import load_model
+
+    from runtime.models import build_model
+
+    module = build_model(model_config)
+    load_model(module, str(directory / WEIGHTS))
+    return dict(module.state_dict())

@@ -1,21 +1,27 @@
-"""Streaming ingestion for training: Ray Data over the files, a content-hash split, and one
-bounded-memory pass that yields what fitting the preprocessing needs.
+"""Ingestion for training: Ray Data over the files, a content-hash split, one bounded-memory
+pass that yields what fitting the preprocessing needs, and the choice between training from
+memory and streaming.
 
-Nothing here materializes the dataset on the driver:
+The driver never holds the dataset:
 
-- the files are read by Ray Data (``read_parquet``/``read_csv``) and streamed to the workers
-  (``get_dataset_shard``), re-read each epoch;
-- the train/holdout split is a per-row function of the row's *content* and the seed (a
-  64-bit hash of the feature and label columns, as a uniform number in [0, 1)), so it needs
-  no global shuffle or row index, is the same however the files are chunked or ordered, and
-  sends duplicate rows to the same side (no train/holdout leakage through duplicates);
+- the files are read by Ray Data (``read_parquet``/``read_csv``);
+- the train / validation / test split is a per-row function of the row's *content* and the
+  seed (:func:`runtime.data.split_side`), so it needs no global shuffle or row index, is the
+  same however the files are chunked or ordered, and sends duplicate rows to the same side
+  (no leakage through duplicates);
 - the driver streams the training split once, counting its rows and keeping a uniform
   sample of at most ``fit_sample_rows`` of them (the rows with the smallest hash: a
   bottom-k sample, deterministic), on which the preprocessing is fit. Up to that size the
   sample *is* the training split, so the fit is exact; above it, memory stays bounded by
   the sample plus one batch;
 - the fitted preprocessing is then a stage of the workers' pipeline
-  (:func:`features_stage`): Ray Data tasks turn raw rows into ``{"x", "y"}`` arrays.
+  (:func:`features_stage`): Ray Data tasks turn raw rows into ``{"x", "y"}`` arrays;
+- :func:`plan_ingest` decides how the workers get them. When the preprocessed training split
+  fits comfortably in Ray's object store, it is materialized there once and every worker
+  iterates it in memory each epoch (:class:`InMemoryData`: no per-epoch pipeline cost, and
+  rows ordered by a content key, so what each worker sees is the same on any cluster shape);
+  otherwise Ray Data re-reads and re-preprocesses the files each epoch and streams them to
+  the workers (``get_dataset_shard``).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from runtime.data import list_data_files, split_side, split_unit
+from runtime.data import ORDER_KEY, list_data_files, split_side, split_unit
 from runtime.errors import ConfigError, DataError, SkewlessError
+from runtime.redact import redact
 
 if TYPE_CHECKING:
     import ray.data
@@ -38,7 +45,6 @@ Progress = Callable[[str], None]
 DRIVER_BATCH_ROWS = 65_536
 STAGE_BATCH_ROWS = 65_536  # rows per call of the preprocessing stage (see features_stage)
 STAGE_BATCH_BYTES = 64 << 20  # at most about this much dense output per call
-HOLDOUT_SAMPLE_ROWS = 4096
 
 
 def read_dataset(uri: str, fmt: str | None) -> ray.data.Dataset:
@@ -57,29 +63,44 @@ def read_dataset(uri: str, fmt: str | None) -> ray.data.Dataset:
     except SkewlessError:
         raise
     except Exception as exc:  # reading the schema/metadata fails eagerly for broken files
-        raise DataError(f"dataset {uri!r}: cannot read it as {found}: {exc}") from exc
+        raise DataError(f"dataset {redact(uri)!r}: cannot read it as {found}: {redact(str(exc))}") from exc
     finally:
         ctx.use_datasource_v2 = previous
 
 
 def open_split(
-    uri: str, fmt: str | None, columns: list[str], fraction: float, seed: int
-) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """Fresh lazy (train, holdout) datasets over the files: two filters by :func:`split_unit`.
+    uri: str, fmt: str | None, columns: list[str], test_fraction: float, validation_fraction: float, seed: int
+) -> dict[str, ray.data.Dataset]:
+    """Fresh lazy datasets over the files, one per side (``train``, ``validation``, ``test``):
+    filters by :func:`runtime.data.split_side`. Training and validation rows carry the order
+    key :data:`runtime.data.ORDER_KEY`.
 
     Fresh for each consumer: Ray Train configures the datasets it is given for its workers
     (resource limits net of the workers' reservation), which then starves a later pass on
     the driver over the same objects.
     """
     ds = read_dataset(uri, fmt)
-    side = partial(split_side, columns=columns, fraction=fraction, seed=seed)
-    train = ds.map_batches(partial(side, holdout=False), batch_format="pyarrow", batch_size=None)
-    holdout = ds.map_batches(partial(side, holdout=True), batch_format="pyarrow", batch_size=None)
-    return train, holdout
+    return {
+        side: ds.map_batches(
+            partial(
+                split_side,
+                columns=columns,
+                test_fraction=test_fraction,
+                validation_fraction=validation_fraction,
+                seed=seed,
+                side=side,
+                order_key=side != "test",
+            ),
+            batch_format="pyarrow",
+            batch_size=None,
+        )
+        for side in ("train", "validation", "test")
+    }
 
 
 def features_stage(ds: ray.data.Dataset, prep: Any) -> ray.data.Dataset:
-    """``ds`` through the shared preprocessing transform: ``{"x": float32 features, "y": labels}``.
+    """``ds`` through the shared preprocessing transform: ``{"x": float32 features, "y":
+    labels, ORDER_KEY: the row key}``.
 
     The state travels as JSON (parsed once per Ray Data worker process); a row that breaks
     the feature spec fails the stage with the column and rule (its row number counts within
@@ -91,7 +112,7 @@ def features_stage(ds: ray.data.Dataset, prep: Any) -> ray.data.Dataset:
     from runtime.preprocessing import transform_batch
 
     return ds.map_batches(
-        partial(transform_batch, state=prep.to_json()),
+        partial(transform_batch, state=prep.to_json(), keep=(ORDER_KEY,)),
         batch_format="pyarrow",
         batch_size=stage_batch_rows(prep.output_dim),
     )
@@ -154,7 +175,8 @@ def fit_pass(
             progress(f"  fit pass: {rows:,} training rows read")
     if rows == 0:
         raise ConfigError(
-            f"data: no training rows in {uri!r} after the holdout split; add data or lower holdout_fraction"
+            f"data: no training rows in {redact(uri)!r} after the split; add data or lower test_fraction / "
+            "validation_fraction"
         )
     sample = sampler.result()
     return FitPass(sample=sample, train_rows=rows)
@@ -170,7 +192,7 @@ def driver_batches(ds: ray.data.Dataset, uri: str) -> Iterator[pa.Table]:
         cause = exc.__cause__ if isinstance(exc.__cause__, SkewlessError) else None
         if cause is not None:
             raise cause from exc
-        raise DataError(f"dataset {uri!r}: reading it failed: {_first_line(exc)}") from exc
+        raise DataError(f"dataset {redact(uri)!r}: reading it failed: {redact(_first_line(exc))}") from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -186,3 +208,70 @@ def ingest_options() -> Any:
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
+
+
+# ---------------------------------------------------------------------- memory or stream
+
+# The preprocessed training split goes to the object store (once) and each worker keeps a
+# copy to draw its batches from; "comfortably" means all of that stays under this share of
+# the object store.
+MEMORY_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    mode: str  # "memory" or "stream"
+    reason: str  # in words, for the progress output and the lineage
+    estimated_bytes: int
+
+
+def plan_ingest(requested: str, rows: int, output_dim: int, workers: int, object_store_bytes: float) -> IngestPlan:
+    """``memory`` when asked, or (``auto``) when the preprocessed training split fits comfortably;
+    ``stream`` otherwise. ``reason`` says which and why."""
+    size = rows * (4 * output_dim + 16)  # float32 features, the label, the row key
+    need = size * (workers + 1)  # the object store's copy and each worker's
+    budget = MEMORY_SHARE * object_store_bytes
+    fits = need <= budget
+    what = f"{rows:,} training rows x {output_dim} features = {size / 2**20:,.1f} MiB preprocessed"
+    if requested == "stream" or (requested == "auto" and not fits):
+        why = (
+            "data.ingest: stream"
+            if requested == "stream"
+            else (
+                f"{workers} worker copies + the object store's need {need / 2**20:,.0f} MiB, more than "
+                f"{MEMORY_SHARE:.0%} of the object store ({object_store_bytes / 2**30:,.1f} GiB)"
+            )
+        )
+        return IngestPlan("stream", f"{what}; streamed from the files every epoch ({why})", size)
+    why = (
+        "data.ingest: memory"
+        if requested == "memory"
+        else (f"fits in {MEMORY_SHARE:.0%} of the object store ({object_store_bytes / 2**30:,.1f} GiB)")
+    )
+    return IngestPlan("memory", f"{what}; preprocessed once into the object store, iterated in memory ({why})", size)
+
+
+@dataclass(frozen=True)
+class InMemoryData:
+    """A split preprocessed once into Ray's object store: refs to ``{x, y, ORDER_KEY}`` blocks.
+
+    What the driver hands the workers (refs pickle as references; the driver owns the
+    blocks while the run lasts). See :class:`runtime.training._sources.InMemorySource`.
+    """
+
+    train: tuple[Any, ...]
+    validation: tuple[Any, ...]
+    rows: int
+
+
+def materialize(ds: ray.data.Dataset, uri: str) -> tuple[Any, ...]:
+    """Run ``ds`` once; its blocks, as refs to dicts of numpy arrays, stay in the object store."""
+    try:
+        return tuple(ds.materialize().to_numpy_refs())
+    except SkewlessError:
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, SkewlessError) else None
+        if cause is not None:
+            raise cause from exc
+        raise DataError(f"dataset {redact(uri)!r}: preprocessing it failed: {redact(_first_line(exc))}") from exc

@@ -1,24 +1,30 @@
-"""Hyperparameter search: Ray Tune over the same training driver, ASHA early stopping.
+"""Hyperparameter search: Ray Tune over the same training steps, ASHA early stopping.
 
 The Ray 2.60 pattern: a :class:`ray.tune.Tuner` runs one *driver function* per trial; each
-builds its own ``TorchTrainer`` (through :func:`run_training`) with Tune's
-``TuneReportCallback``, so per-epoch ``valid_loss`` reaches Tune and ASHA can stop a trial
-early. Every trial is an MLflow child run of the search's parent run with full lineage and its
-packaged model; at the end the trial with the best holdout metric is registered as
-``candidate`` (and ``champion`` when it beats the incumbent).
+runs the training steps (prepare, fit preprocessing, train, package, evaluate) and builds its
+own ``TorchTrainer`` with Tune's ``TuneReportCallback``, so per-epoch validation metrics reach
+Tune and ASHA can stop a trial early. Every trial is an MLflow child run of the search's
+parent run with full lineage and its packaged model. The best trial is chosen on the
+*validation* split (the search metric of its final weights: the best epoch's when early
+stopping kept it); the test split only gives the final metrics and the champion comparison.
+The best trial is registered as ``candidate`` (and ``champion`` when it beats the incumbent).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from runtime.config import StrictModel, TrainJobConfig, load_config, read_yaml, resolve_path
+from runtime.config import StrictModel, load_config, read_yaml, resolve_path, validate
 from runtime.errors import ConfigError, TrainingError
-from runtime.training._driver import Progress, TrainOutcome
+from runtime.registry import Tag
+from runtime.training._config import TrainJobConfig
+from runtime.training._driver import Progress
+from runtime.training._promote import TrainOutcome
 
 Distribution = Literal["choice", "grid", "uniform", "loguniform", "randint"]
 
@@ -37,7 +43,12 @@ class TuneJobConfig(StrictModel):
     )
     num_samples: int = Field(default=4, ge=1, description="Trials (per grid point, when a grid is used).")
     max_concurrent_trials: int = Field(default=2, ge=1)
-    metric: Literal["valid_loss", "valid_accuracy"] = Field(default="valid_loss")
+    metric: str = Field(
+        default="valid_loss",
+        pattern=r"^valid_[a-z0-9_]+$",
+        description="A per-epoch validation metric of the task (valid_loss, valid_accuracy, valid_rmse, ...): "
+        "ASHA compares trials on it and the best trial is chosen on it.",
+    )
     scheduler: SchedulerConfig = SchedulerConfig()
 
     @model_validator(mode="after")
@@ -46,10 +57,6 @@ class TuneJobConfig(StrictModel):
             if len(dist) != 1:
                 raise ValueError(f"search_space.{key} must have exactly one distribution, got {sorted(dist)}")
         return self
-
-    @property
-    def mode(self) -> str:
-        return "min" if self.metric == "valid_loss" else "max"
 
 
 def _set(config: dict[str, Any], dotted: str, value: Any) -> None:
@@ -85,7 +92,7 @@ def resolve_tune_config(path: Path) -> tuple[TuneJobConfig, dict[str, Any]]:
     else:
         base_path = resolve_path(tune_cfg.base, path.parent)
         base, base_dir = read_yaml(base_path), base_path.parent
-    train_cfg = load_config(TrainJobConfig, base)
+    train_cfg = load_config(TrainJobConfig, base, "base")
     base = {**base, "features": train_cfg.feature_spec_dict(base_dir)}
     if train_cfg.training.checkpoint_every_steps:
         raise ConfigError(
@@ -98,7 +105,7 @@ def resolve_tune_config(path: Path) -> tuple[TuneJobConfig, dict[str, Any]]:
             probe = copy.deepcopy(base)
             _set(probe, key, value)
             try:
-                load_config(TrainJobConfig, probe)
+                load_config(TrainJobConfig, probe, "base")
             except ConfigError as exc:
                 raise ConfigError(f"search_space.{key} = {value!r} does not fit the training config: {exc}") from None
     return tune_cfg, base
@@ -117,72 +124,102 @@ def _param_space(space: dict[str, dict[Distribution, Any]]) -> dict[str, Any]:
     return {key: makers[name](args) for key, dist in space.items() for name, args in dist.items()}
 
 
-def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> None:
-    """One trial: the training driver with these hyperparameters, reporting to Tune."""
-    from ray import tune
+FINAL = "final_"  # the search metric of a trial's final weights, logged by the trial
+
+
+def _report_callback() -> Any:
+    """Tune's report callback for Ray Train, minus each run's last report.
+
+    ASHA judges a trial at every rung it reaches; judged on its last epoch's report, a trial
+    that finished training could be stopped while its driver packages and evaluates the model,
+    leaving no model behind. The last report is the trial's own business: it logs the final
+    validation metric to MLflow, where the selection reads it.
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from runtime.training._driver import run_training
+    from runtime.training._worker import LAST_REPORT
 
-    config = copy.deepcopy(base)
-    for key, value in params.items():
-        _set(config, key, value)
-    cfg = TrainJobConfig.model_validate(config)
+    class ReportUntilTheLast(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics and metrics[0].get(LAST_REPORT):
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ReportUntilTheLast()
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str, metric: str) -> None:
+    """One trial: the training steps with these hyperparameters, reporting to Tune."""
+    import mlflow
+    from ray import tune
+
+    from runtime.training._driver import evaluate_holdout, fit_preprocessing, package, prepare, tracked_run, train
+
+    cfg = _trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
-    run_training(
-        cfg,
-        register=False,
-        run_callbacks=[TuneReportCallback()],
-        progress=print,
-        extra_tags={
-            "mlflow.parentRunId": parent_run_id,
-            "skewless.tune_trial": str(trial_id),
-            "skewless.tune_params": repr(params),
-        },
-    )
+    p = prepare(cfg, progress=print)
+    f = fit_preprocessing(p, print)
+    tags = {Tag.PARENT_RUN: parent_run_id, Tag.TUNE_TRIAL: str(trial_id), Tag.TUNE_PARAMS: json.dumps(params)}
+    with tracked_run(p, f, tags) as run:
+        trained = train(p, f, run, print, run_callbacks=[_report_callback()])
+        packaged = package(f, trained, run)
+        evaluate_holdout(p, packaged, print)
+        mlflow.log_metric(FINAL + metric, _final_value(run.run_id, metric, trained.metrics))
+
+
+def _final_value(run_id: str, metric: str, last: dict[str, Any]) -> float:
+    """``metric`` at the epoch whose weights the trial packaged (early stopping's best, else the last)."""
+    import mlflow
+
+    best = last.get("early_stopping/best_epoch")
+    if best is None:
+        return float(last[metric])
+    history = mlflow.MlflowClient().get_metric_history(run_id, metric)
+    return float(next(m.value for m in history if m.step == int(best)))
 
 
 def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
-    """Search, then register the best finished trial. Returns its outcome."""
+    """Search, then register the best finished trial (by the validation metric). Returns its outcome."""
     import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from runtime import registry
-    from runtime.cluster import connect, cpus_for
-    from runtime.training._driver import HoldoutStream, register_run_model
-    from runtime.training._evaluate import primary_metric
-    from runtime.training._ingest import open_split
+    from runtime.connect import connect, cpus_for
+    from runtime.tasks import task_for
+    from runtime.training._evaluate import HoldoutStream
+    from runtime.training._ingest import driver_batches, open_split
+    from runtime.training._promote import register_run
 
     tune_cfg, base = resolve_tune_config(path)
     train_cfg = TrainJobConfig.model_validate(base)
+    task = task_for(base["features"]["label"]["task"])
+    direction = task.metric(tune_cfg.metric)
+    mode = "max" if direction.higher_is_better else "min"
     registry.configure_mlflow()
     experiment_id = registry.ensure_experiment(train_cfg.registry.experiment or train_cfg.registry.model_name)
-    connect(
-        min_cpus=cpus_for(
-            train_cfg.training.num_workers, train_cfg.training.cpus_per_worker, groups=tune_cfg.max_concurrent_trials
-        )
-    )
+    t = train_cfg.training
+    connect(min_cpus=cpus_for(t.num_workers, t.cpus_per_worker, groups=tune_cfg.max_concurrent_trials))
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{path.stem}") as parent:
         mlflow.log_dict(tune_cfg.model_dump(mode="json"), "tune/config.json")
         progress(
             f"tuning {len(tune_cfg.search_space)} hyperparameter(s), {tune_cfg.num_samples} sample(s), "
-            f"ASHA on {tune_cfg.metric} ({tune_cfg.mode})"
+            f"ASHA on {tune_cfg.metric} ({mode})"
         )
         tuner = tune.Tuner(
             # Each trial's driver takes Tune's default 1 CPU; its Train workers reserve their own.
-            tune.with_parameters(_trial, base=base, parent_run_id=parent.info.run_id),
+            tune.with_parameters(_trial, base=base, parent_run_id=parent.info.run_id, metric=tune_cfg.metric),
             param_space=_param_space(tune_cfg.search_space),
             tune_config=tune.TuneConfig(
                 metric=tune_cfg.metric,
-                mode=tune_cfg.mode,
+                mode=mode,
                 num_samples=tune_cfg.num_samples,
                 max_concurrent_trials=tune_cfg.max_concurrent_trials,
                 scheduler=ASHAScheduler(
                     time_attr="training_iteration",
-                    # One past the last epoch: a trial that reaches max_t is stopped by Tune, which
-                    # would kill the driver before it evaluates and logs the model.
-                    max_t=train_cfg.training.epochs + 1,
+                    # A trial's last epoch is never reported to Tune (see _report_callback), so no
+                    # rung or max_t stops a trial that has finished training.
+                    max_t=train_cfg.training.epochs,
                     grace_period=tune_cfg.scheduler.grace_period,
                     reduction_factor=tune_cfg.scheduler.reduction_factor,
                 ),
@@ -199,41 +236,37 @@ def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
             output_format="list",
             filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
         )
-        task = children[0].data.tags.get("skewless.task", "binary") if children else "binary"
-        metric = primary_metric(task)
-        finished = [r for r in children if metric.name in r.data.metrics and "skewless.model_uri" in r.data.tags]
+        selection = FINAL + tune_cfg.metric
+        finished = [r for r in children if selection in r.data.metrics and Tag.MODEL_URI in r.data.tags]
         for run in children:
             if run not in finished:  # stopped early by ASHA: its driver was killed mid-run
                 mlflow.MlflowClient().set_terminated(run.info.run_id, "KILLED")
         if not finished:
-            raise TrainingError(f"tune run {parent.info.run_id}: no trial finished with a holdout metric")
-        best = (max if metric.higher_is_better else min)(finished, key=lambda r: r.data.metrics[metric.name])
-        mlflow.set_tags(
-            {
-                "skewless.best_trial_run": best.info.run_id,
-                "skewless.best_params": best.data.tags.get("skewless.tune_params", ""),
-            }
-        )
-        mlflow.log_metric(f"best_{metric.name}", best.data.metrics[metric.name])
-        progress(
-            f"best trial: run {best.info.run_id} {best.data.tags.get('skewless.tune_params', '')} "
-            f"{metric.name}={best.data.metrics[metric.name]:.4f}"
-        )
-        best_cfg = load_config(TrainJobConfig, _read_yaml_text(best.info.run_id))
+            raise TrainingError(f"tune run {parent.info.run_id}: no trial finished with a model")
+        best = (max if direction.higher_is_better else min)(finished, key=lambda r: r.data.metrics[selection])
+        params = best.data.tags.get(Tag.TUNE_PARAMS, "")
+        mlflow.set_tags({Tag.BEST_TRIAL_RUN: best.info.run_id, Tag.BEST_PARAMS: params})
+        mlflow.log_metric(f"best_{tune_cfg.metric}", best.data.metrics[selection])
+        progress(f"best trial: run {best.info.run_id} {params} {tune_cfg.metric}={best.data.metrics[selection]:.4f}")
+        best_cfg = _trial_config(base, json.loads(params or "{}"))
         spec = best_cfg.feature_spec_dict()
         columns = [f["name"] for f in spec["features"]] + [spec["label"]["name"]]
-        data = best_cfg.data
+        d = best_cfg.data
         holdout = HoldoutStream(
-            lambda: open_split(data.path, data.format, columns, data.holdout_fraction, best_cfg.training.seed)[1],
-            data.path,
+            lambda: driver_batches(
+                open_split(d.path, d.format, columns, d.test_fraction, d.validation_fraction, best_cfg.training.seed)[
+                    "test"
+                ],
+                d.path,
+            ),
+            d.path,
         )
         holdout_metrics = {k: v for k, v in best.data.metrics.items() if k.startswith("holdout_")}
-        return register_run_model(best.info.run_id, best_cfg, holdout_metrics, holdout, progress)
+        return register_run(best.info.run_id, best_cfg, holdout_metrics, holdout, progress)
 
 
-def _read_yaml_text(run_id: str) -> dict[str, Any]:
-    import mlflow
-    import yaml
-
-    data: dict[str, Any] = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/lineage/config.yaml"))
-    return data
+def _trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainJobConfig:
+    config = copy.deepcopy(base)
+    for key, value in params.items():
+        _set(config, key, value)
+    return validate(TrainJobConfig, config, "trial config")

@@ -40,7 +40,7 @@ def test_user_errors_print_without_traceback(tmp_path: Path) -> None:
     cfg.write_text("data: {path: x.parquet}\nfeatures: f.yaml\nregistry: {model_name: m}\ntraning: {}\n")
     out = subprocess.run([SKEWLESS, "train", "run", str(cfg)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert "traning: unknown key; did you mean 'training'?" in out.stderr
+    assert "traning: unknown key 'traning' (did you mean 'training'?)" in out.stderr
     assert "Traceback" not in out.stderr
 
 

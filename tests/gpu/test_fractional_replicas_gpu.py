@@ -24,15 +24,15 @@ pytestmark = [
 
 def test_four_quarter_gpu_replicas_stay_inside_their_budgets(serve_clean: int, tmp_path: Path) -> None:
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
-    from runtime.models import build_model, mlp_config
+    from runtime.models import MLPConfig, build_model
     from runtime.preprocessing import FeatureSpec, fit
-    from runtime.registry import write_model_dir
-    from runtime.serving import build_predictor_app
-    from runtime.serving._deploy import run_app
+    from runtime.registry import model_json, write_model_dir
+    from runtime.serving import build_predictor_app, run_app
+    from runtime.tasks import task_for
 
     table = pq.read_table(generate_synthetic(tmp_path / "d.parquet", SyntheticConfig(rows=5000, seed=1)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
-    config = mlp_config(prep, "binary", [4096, 4096])
+    config = model_json(MLPConfig(hidden=[4096, 4096]), prep, task_for("binary"))
     write_model_dir(tmp_path / "m", build_model(config).state_dict(), config, prep)
     options = {"num_replicas": 4, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25}}
     run_app(build_predictor_app({"model_uri": str(tmp_path / "m")}, options), name="quarters", route_prefix="/q")
@@ -70,7 +70,7 @@ def test_four_quarter_gpu_replicas_stay_inside_their_budgets(serve_clean: int, t
 
 def test_a_config_that_cannot_fit_this_gpu_is_refused() -> None:
     from runtime.errors import ConfigError
-    from runtime.serving._deploy import validate_serve_config
+    from runtime.serving import validate_serve_config
 
     total = torch.cuda.get_device_properties(0).total_memory
     config = {

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.gpu import (
+from runtime.memory import (
     GpuBudget,
     MemorySampler,
-    MemoryTracker,
+    allocator_stats,
     apply_budget,
     budget_usage,
     gpu_available,
@@ -23,8 +23,8 @@ from runtime.gpu import (
     this_process_usage,
     visible_devices,
 )
-from runtime.gpu._tracker import allocator_stats
 from runtime.training import LoopState
+from runtime.training.callbacks import MemoryTracker
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -83,7 +83,7 @@ def test_a_budget_caps_the_allocator() -> None:
 def test_the_sampler_never_initializes_cuda() -> None:
     # A sampler that created a CUDA context could also synchronize one; NVML needs neither.
     code = (
-        "import time, torch; from runtime.gpu import MemorySampler; s = MemorySampler(0.02); s.start(); "
+        "import time, torch; from runtime.memory import MemorySampler; s = MemorySampler(0.02); s.start(); "
         "time.sleep(0.3); s.stop(); assert s.samples[-1]['cuda0/nvml_used'] > 0; "
         "assert not torch.cuda.is_initialized(), 'the sampler initialized CUDA'"
     )

@@ -15,31 +15,37 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _setup(tmp_path: Path, micro: int) -> tuple[object, ...]:
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
-    from runtime.models import build_model, mlp_config
+    from runtime.models import MLPConfig, build_model
     from runtime.preprocessing import FeatureSpec, fit
-    from runtime.training._events import LoopState
+    from runtime.registry import model_json
+    from runtime.tasks import task_for
+    from runtime.training import LoopState
 
     table = pq.read_table(generate_synthetic(tmp_path / "d.parquet", SyntheticConfig(rows=1024, seed=1)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
     torch.manual_seed(0)
     # activations dominate (~1 MiB a row): memory grows with the micro-batch, not the weights
     # dropout: a recomputed micro-batch must redraw the same masks (CUDA RNG restored)
-    model = build_model(mlp_config(prep, "binary", [65536], dropout=0.2)).cuda()
+    model = build_model(model_json(MLPConfig(hidden=[65536], dropout=0.2), prep, task_for("binary"))).cuda()
     state = LoopState(rank=0, world_size=1, epochs=1, batch_size=1024, micro_batch_size=micro)
     state.model, state.optimizer = model, torch.optim.SGD(model.parameters(), lr=1e-3)
     return table, prep, state
 
 
 def test_real_oom_is_survived_with_the_same_result(tmp_path: Path) -> None:
-    from runtime.gpu._oom import OomGuard
     from runtime.preprocessing import features_and_labels
-    from runtime.training._events import CallbackList
-    from runtime.training._loop import _loss_fn, guarded_step, micro_batch_agreement
+    from runtime.tasks import Head
+    from runtime.training import CallbackList, TabularObjective, guarded_step, micro_batch_agreement
+    from runtime.training.callbacks import OomGuard
+
+    objective = TabularObjective("binary", Head((0, 1)))
 
     device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # the peak of this step, not of the tests before it
     table, prep, reference = _setup(tmp_path, 256)
-    guarded_step(reference, features_and_labels(prep, table), _loss_fn("binary"), "binary", (0.0, 1.0), device, "fp32",
-                 CallbackList([]), micro_batch_agreement(1))  # fmt: skip
+    guarded_step(reference, features_and_labels(prep, table), objective, device, "fp32", CallbackList([]),
+                 micro_batch_agreement(1))  # fmt: skip
     want = [p.detach().clone() for p in reference.model.parameters()]
     peak_256 = torch.cuda.max_memory_allocated()
     del reference
@@ -53,8 +59,8 @@ def test_real_oom_is_survived_with_the_same_result(tmp_path: Path) -> None:
         guard = OomGuard(str(tmp_path / "diagnostics"))
         callbacks = CallbackList([guard])
         callbacks.on_run_start(state)
-        guarded_step(state, features_and_labels(prep, table), _loss_fn("binary"), "binary", (0.0, 1.0), device, "fp32",
-                     callbacks, micro_batch_agreement(1))  # fmt: skip
+        guarded_step(state, features_and_labels(prep, table), objective, device, "fp32", callbacks,
+                     micro_batch_agreement(1))  # fmt: skip
         callbacks.on_run_end(state)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from runtime.config import TrainJobConfig
 from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
-from runtime.training import Callback, LoopState, run_training
+from runtime.training import Callback, LoopState, TrainJobConfig, run_training
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime.config import TrainJobConfig
 from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
 from runtime.errors import TrainingError
-from runtime.training import Callback, LoopState, run_training
+from runtime.training import Callback, LoopState, TrainJobConfig, run_training
 
 pytestmark = pytest.mark.integration
 
@@ -158,7 +157,7 @@ class Balloon(Callback):
 
 
 def test_host_oom_kill_ends_the_job_with_a_readable_cause(ray_session: Any, tmp_path: Path) -> None:
-    from runtime.gpu._hostmem import try_create_limited_cgroup
+    from runtime.memory import try_create_limited_cgroup
 
     probe = try_create_limited_cgroup(f"skewless-probe-{id(tmp_path)}", 64 << 20)
     enforced_by = "kernel OOM killer" if probe is not None else "watchdog"

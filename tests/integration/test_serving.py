@@ -24,9 +24,7 @@ from hypothesis import strategies as st
 from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
 from runtime.preprocessing import FeatureSpec, fit
 from runtime.registry import load_model_dir, write_model_dir
-from runtime.serving import build_predictor_app
-from runtime.serving._codec import ARROW_STREAM
-from runtime.serving._deploy import run_app
+from runtime.serving import ARROW_STREAM, build_predictor_app, run_app
 from tests.conftest import wait_for_condition
 
 pytestmark = pytest.mark.integration
@@ -36,10 +34,12 @@ ARROW_HEADERS = {"content-type": ARROW_STREAM}
 def _model_dir(path: Path, table: pa.Table, seed: int) -> Path:
     import torch
 
-    from runtime.models import build_model, mlp_config
+    from runtime.models import MLPConfig, build_model
+    from runtime.registry import model_json
+    from runtime.tasks import task_for
 
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec()), table)
-    config = mlp_config(prep, "binary", [32])
+    config = model_json(MLPConfig(hidden=[32]), prep, task_for("binary"))
     torch.manual_seed(seed)
     write_model_dir(path, build_model(config).state_dict(), config, prep)
     return path
@@ -165,7 +165,12 @@ def test_api_key_is_required_when_set_and_health_stays_open(
     assert wrong.status_code == 401
     ok = httpx.post(url, content=body, headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
     assert ok.status_code == 200 and len(ok.json()["predictions"]) == 2
-    assert httpx.get(f"{endpoint}/healthz").status_code == 200
+    assert httpx.get(f"{endpoint}/healthz").status_code == 200  # the route table: health needs no key
+    # the route table answers what is not a route: 404 naming the routes, 405 with Allow
+    missing = httpx.get(f"{endpoint}/nope")
+    assert missing.status_code == 404 and "/predict" in missing.json()["error"]["rule"]
+    wrong = httpx.get(url)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
 
 
 _json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
@@ -196,7 +201,7 @@ def test_fuzzed_live_endpoint_never_answers_5xx_and_stays_healthy(
     valid = st.sampled_from([(json_ok, "application/json"), (arrow_ok, ARROW_STREAM)])
 
     def expected(body: bytes, ctype: str) -> list[Any]:
-        from runtime.serving._codec import decode_request
+        from runtime.serving import decode_request
 
         table = decode_request(
             ctype, body, preprocessor=offline.preprocessor, max_body_bytes=100_000, max_instances=10_000
@@ -244,6 +249,8 @@ def test_metrics_are_scrapeable_through_rays_export(
     for _ in range(5):
         assert httpx.post(f"{endpoint}/predict", content=body, headers={"content-type": "application/json"}).is_success
     httpx.post(f"{endpoint}/predict", content=b"{", headers={"content-type": "application/json"})
+    assert httpx.get(f"{endpoint}/healthz").is_success
+    assert httpx.get(f"{endpoint}/nope").status_code == 404
     node = next(n for n in ray_session.nodes() if n["Alive"])
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
@@ -252,8 +259,10 @@ def test_metrics_are_scrapeable_through_rays_export(
         fam = families.get("ray_skewless_serve_requests")
         if fam is None:
             return None
-        codes = {s.labels.get("status") for s in fam.samples if s.labels.get("application", "metrics")}
-        return families if {"200", "400"} <= codes else None
+        seen = {(s.labels.get("route"), s.labels.get("status")) for s in fam.samples}
+        # every route gets request metrics (health too); a path that is no route, one bounded label
+        wanted = {("/predict", "200"), ("/predict", "400"), ("/healthz", "200"), ("<unknown>", "404")}
+        return families if wanted <= seen else None
 
     families = wait_for_condition(scraped, timeout=90, interval=2, message="skewless metrics in Ray's export")
     names = set(families)

@@ -14,12 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from runtime import registry
-from runtime.config import TrainJobConfig
 from runtime.data import SyntheticConfig, dataset_fingerprint, generate_synthetic, synthetic_feature_spec
 from runtime.errors import ArtifactIntegrityError, FingerprintMismatchError
-from runtime.serving import build_predictor_app
-from runtime.serving._parity import check_parity
-from runtime.training import TrainOutcome, run_training
+from runtime.serving import build_predictor_app, check_parity
+from runtime.training import TrainJobConfig, TrainOutcome, run_training
 from tests.conftest import wait_for_condition
 
 pytestmark = pytest.mark.integration
@@ -46,7 +44,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _no_materializing(*args: Any, **kwargs: Any) -> Any:
-    raise AssertionError("the training driver must stream the dataset, not materialize it")
+    raise AssertionError("the training driver must stream the dataset, not hold it")
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +54,16 @@ def trained(ray_session: Any, dataset: Path) -> TrainOutcome:
     cfg = _config(dataset)
     # the fit sees a bounded sample of the ~3200 training rows
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"fit_sample_rows": 1000})})
-    with pytest.MonkeyPatch.context() as mp:  # the driver process only: Ray Data reads in tasks
-        for target, name in [(pq, "read_table"), (ray.data.Dataset, "materialize"), (ray.data.Dataset, "take_all")]:
+    # The driver process only (Ray Data reads in tasks): nothing reads the files whole or pulls
+    # a dataset into the driver. (Training from memory materializes the preprocessed split
+    # into the object store, not into the driver.)
+    with pytest.MonkeyPatch.context() as mp:
+        for target, name in [
+            (pq, "read_table"),
+            (ray.data.Dataset, "take_all"),
+            (ray.data.Dataset, "to_pandas"),
+            (ray.data.Dataset, "to_arrow_refs"),
+        ]:
             mp.setattr(target, name, _no_materializing)
         mp.setattr("runtime.data._io.read_table", _no_materializing)
         return run_training(cfg, progress=lambda m: None)
@@ -70,10 +76,12 @@ def test_driver_streams_splits_by_content_and_fits_on_a_bounded_sample(trained: 
     table = pq.read_table(dataset)
     spec = synthetic_feature_spec("binary")
     columns = [f["name"] for f in spec["features"]] + [spec["label"]["name"]]
-    in_holdout = split_unit(table, columns, seed=1) < 0.2
+    u = split_unit(table, columns, seed=1)
+    in_holdout, in_train = u < 0.2, u >= 0.3  # test 20%, validation 10%, training the rest
     assert int(tags["skewless.holdout_rows"]) == int(in_holdout.sum())
-    assert int(tags["skewless.train_rows"]) == table.num_rows - int(in_holdout.sum())
+    assert int(tags["skewless.train_rows"]) == int(in_train.sum())
     assert tags["skewless.preprocessing_fit_rows"] == "1000"
+    assert tags["skewless.ingest"] == "memory"  # a small split: preprocessed once, iterated in memory
     # the holdout sample is exactly the holdout rows, in file order
     assert trained.holdout_sample.equals(table.filter(in_holdout))
 
@@ -84,7 +92,10 @@ def test_run_records_lineage_and_registers_champion(trained: TrainOutcome, datas
     tags = run.data.tags
     assert tags["skewless.dataset_sha256"] == dataset_fingerprint(str(dataset))
     manifest = json.loads((trained.model_dir / "manifest.json").read_text())
-    assert tags["skewless.preprocessing_fingerprint"] == manifest["preprocessing_fingerprint"]
+    assert tags["skewless.preprocessing_fingerprint"] == manifest["preprocessing"]["fingerprint"]
+    assert tags["skewless.code_fingerprint"] == manifest["code_fingerprint"]  # preprocessing + task + model code
+    assert tags["skewless.spec_fingerprint"] == manifest["preprocessing"]["spec"]
+    assert tags["skewless.state_fingerprint"] == manifest["preprocessing"]["state"]
     assert len(tags["skewless.git_commit"]) in (40, 7) or tags["skewless.git_commit"] == "unknown"
     assert tags["skewless.git_dirty"] in ("true", "false", "none")
     assert len(tags["skewless.environment_sha256"]) == 64
@@ -139,12 +150,12 @@ def test_tampered_artifact_and_foreign_code_are_refused(
     with pytest.raises(ArtifactIntegrityError, match="weights.safetensors"):
         registry.load_model_dir(copy)
 
-    monkeypatch.setattr("runtime.registry._package.code_fingerprint", lambda: "f" * 64)
+    monkeypatch.setattr("runtime.registry._package.inference_code_fingerprint", lambda config: "f" * 64)
     with pytest.raises(FingerprintMismatchError) as exc:
         registry.load_model_dir(trained.model_dir)
     assert "ffffffffffffffff" in str(exc.value)
     loaded = registry.load_model_dir(trained.model_dir, allow_fingerprint_mismatch=True)
-    assert loaded.task == "binary"
+    assert loaded.task is not None and loaded.task.name == "binary"
 
 
 def _serve(name: str, args: dict[str, Any], port: int) -> str:
@@ -225,7 +236,7 @@ def test_replica_refuses_foreign_preprocessing_code(trained: TrainOutcome, tmp_p
     copy = tmp_path / "foreign"
     shutil.copytree(trained.model_dir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["preprocessing_code_fingerprint"] = "0" * 64
+    manifest["code_fingerprint"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RuntimeError, match="Deploying application foreign failed"):
         serve.run(build_predictor_app({"model_uri": str(copy)}), name="foreign", route_prefix="/foreign")
@@ -261,3 +272,41 @@ def test_other_tasks_train_register_and_predict(ray_session: Any, tmp_path: Path
         rmse = float(np.sqrt(np.mean((out["prediction"].to_numpy() - truth) ** 2)))
         assert rmse == pytest.approx(outcome.metrics["holdout_rmse"], rel=1e-6)
         assert rmse < float(np.std(truth))  # better than predicting the mean
+
+
+def test_every_artifact_file_is_verified_before_anything_runs(trained: TrainOutcome, capsys: Any) -> None:
+    """MLflow runs the logged code file on load: a tampered code file or MLmodel is refused
+    before it can run, as is a registered version without the manifest tag."""
+    from runtime.cli import main
+    from runtime.errors import ArtifactIntegrityError
+
+    uri = f"models:/{NAME}/{trained.version}"
+    verified = registry.verify(uri)
+    assert {"MLmodel", "_pyfunc_model.py", "requirements.txt"} <= set(verified.files)
+    assert any(name.endswith("weights.safetensors") for name in verified.files)
+    with pytest.raises(SystemExit) as ok:
+        main(["models", "verify", uri])
+    assert ok.value.code == 0 and "verified" in capsys.readouterr().out
+
+    # tamper with the stored code file MLflow would import on load
+    client = mlflow.MlflowClient()
+    source = client.get_model_version(NAME, trained.version).source  # models:/m-<id>
+    stored = Path(client.get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    code = stored / "_pyfunc_model.py"
+    original = code.read_text()
+    try:
+        code.write_text(original + "\nimport os  # injected\n")
+        with pytest.raises(ArtifactIntegrityError, match="_pyfunc_model.py"):
+            registry.verify(uri)
+        with pytest.raises(ArtifactIntegrityError):
+            registry.load_pyfunc(uri)  # MLflow never gets to run it
+        with pytest.raises(SystemExit) as exit_info:
+            main(["models", "verify", uri])
+        assert exit_info.value.code == 2
+    finally:
+        code.write_text(original)
+
+    # a version registered outside skewless (no manifest tag) is refused
+    bare = mlflow.register_model(source, NAME)
+    with pytest.raises(ArtifactIntegrityError, match="has no skewless.manifest_sha256 tag"):
+        registry.load(f"models:/{NAME}/{bare.version}")

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.config import ServeAppArgs, TrainJobConfig, load_config
+from runtime.config import ServeAppArgs, load_config
 from runtime.errors import ConfigError
+from runtime.training import TrainJobConfig
 
 BASE = {"data": {"path": "/tmp/x.parquet"}, "features": "f.yaml", "registry": {"model_name": "m"}}
 
@@ -18,22 +19,22 @@ def test_defaults_and_expansion(monkeypatch):
 def test_unknown_key_did_you_mean():
     with pytest.raises(ConfigError) as exc:
         load_config(TrainJobConfig, {**BASE, "training": {"epocs": 3}})
-    assert "training.epocs: unknown key; did you mean 'epochs'?" in str(exc.value)
+    assert "training.epocs: unknown key 'epocs' (did you mean 'epochs'?)" in str(exc.value)
 
 
 def test_wrong_type_and_impossible_values_name_field_and_value():
     with pytest.raises(ConfigError) as exc:
         load_config(TrainJobConfig, {**BASE, "training": {"epochs": "many", "batch_size": 0}})
     msg = str(exc.value)
-    assert "training.epochs = 'many'" in msg and "training.batch_size = 0" in msg
+    assert "training.epochs: value 'many' breaks rule" in msg and "training.batch_size: value 0 breaks rule" in msg
     with pytest.raises(ConfigError, match=r"batch_size \(1\) must be >= num_workers \(4\)"):
         load_config(TrainJobConfig, {**BASE, "training": {"batch_size": 1, "num_workers": 4}})
 
 
 def test_missing_required_and_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match="registry: required field is missing"):
+    with pytest.raises(ConfigError, match="registry: required key is missing"):
         load_config(TrainJobConfig, {"data": {"path": "x"}, "features": "f"})
-    with pytest.raises(ConfigError, match="cannot read config"):
+    with pytest.raises(ConfigError, match="cannot be read"):
         load_config(TrainJobConfig, tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed")
@@ -50,7 +51,7 @@ def test_serve_args():
 
 
 def test_unplaceable_jobs_are_refused_before_ray_work() -> None:
-    from runtime.cluster import check_placeable
+    from runtime.connect import check_placeable
 
     cfg = load_config(TrainJobConfig, {**BASE, "training": {"num_workers": 4, "use_gpu": True}})
     with pytest.raises(ConfigError, match=r"use_gpu = true needs 4 GPU\(s\).*the cluster has 0"):
@@ -71,3 +72,31 @@ def test_micro_batch_larger_than_per_worker_batch_is_refused() -> None:
     assert "micro_batch_size (200) must be <= batch_size / num_workers (256 / 2 = 128)" in str(exc.value)
     ok = load_config(TrainJobConfig, {**BASE, "training": {"batch_size": 256, "micro_batch_size": 32}})
     assert ok.training.micro_batch_size == 32
+
+
+def test_model_is_a_union_of_the_registered_architectures() -> None:
+    from runtime.models import ARCHITECTURES, MLPConfig
+
+    assert isinstance(load_config(TrainJobConfig, BASE).model, MLPConfig)  # architecture defaults to mlp
+    cfg = load_config(TrainJobConfig, {**BASE, "model": {"architecture": "mlp", "hidden": [8]}})
+    assert cfg.model.hidden == [8]
+    with pytest.raises(ConfigError) as exc:
+        load_config(TrainJobConfig, {**BASE, "model": {"architecture": "mpl"}})
+    assert "model.architecture: value 'mpl' is not one of 'mlp', 'char_lm' (did you mean 'mlp'?)" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config(TrainJobConfig, {**BASE, "model": {"hiden": [8]}})
+    assert "model.hiden: unknown key 'hiden' (did you mean 'hidden'?)" in str(exc.value)  # no union tag in the path
+    with pytest.raises(ConfigError, match="takes tokens, not the preprocessed feature matrix"):
+        load_config(TrainJobConfig, {**BASE, "model": {"architecture": "char_lm"}})
+    assert set(ARCHITECTURES) == {"mlp", "char_lm"}
+
+
+def test_splits_and_early_stopping_are_validated() -> None:
+    with pytest.raises(ConfigError, match="holdout_fraction .* is now test_fraction"):
+        load_config(TrainJobConfig, {**BASE, "data": {"path": "x", "holdout_fraction": 0.2}})
+    with pytest.raises(ConfigError, match="must leave at least 10% of the rows for training"):
+        load_config(TrainJobConfig, {**BASE, "data": {"path": "x", "test_fraction": 0.5, "validation_fraction": 0.45}})
+    with pytest.raises(ConfigError, match="must be a validation metric"):
+        load_config(TrainJobConfig, {**BASE, "training": {"early_stopping": {"patience": 3, "metric": "holdout_rmse"}}})
+    cfg = load_config(TrainJobConfig, {**BASE, "training": {"early_stopping": {"patience": 5}}})
+    assert cfg.training.early_stopping is not None and cfg.training.early_stopping.metric is None

@@ -9,6 +9,7 @@ from runtime.data import (
     SyntheticConfig,
     dataset_fingerprint,
     generate_synthetic,
+    generate_text,
     read_table,
     table_fingerprint,
 )
@@ -96,3 +97,18 @@ def test_missing_and_unreadable_datasets_name_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError, match="no .parquet or .csv"):
         read_table(str(tmp_path / "empty"))
+
+
+def test_generate_text_writes_bounded_chunks(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    from runtime.data import _text
+
+    sizes: list[int] = []
+    real = _text._chunk
+
+    def spy(seed: int, index: int) -> bytes:
+        sizes.append(len(data := real(seed, index)))
+        return data
+
+    monkeypatch.setattr(_text, "_chunk", spy)
+    generate_text(tmp_path / "big.txt", 600_000, seed=0)
+    assert len(sizes) > 3 and max(sizes) < 256 * 1024  # memory is one chunk, whatever the size

@@ -11,7 +11,7 @@ import pytest
 
 from runtime.data import SyntheticConfig, generate_synthetic, split_unit
 from runtime.errors import DataError
-from runtime.training._ingest import BottomK
+from runtime.training import BottomK
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +77,15 @@ def test_streamed_evaluation_equals_whole_table(tmp_path: Path, table: pa.Table)
     import torch
 
     from runtime.data import synthetic_feature_spec
-    from runtime.models import build_model, mlp_config
+    from runtime.models import MLPConfig, build_model
     from runtime.preprocessing import FeatureSpec, fit
-    from runtime.registry import load_model_dir, write_model_dir
+    from runtime.registry import load_model_dir, model_json, write_model_dir
+    from runtime.tasks import task_for
     from runtime.training import evaluate
 
     spec = FeatureSpec.model_validate(synthetic_feature_spec("binary"))
     prep = fit(spec, table)
-    config = mlp_config(prep, "binary", [8])
+    config = model_json(MLPConfig(hidden=[8]), prep, task_for("binary"))
     torch.manual_seed(0)
     state = build_model(config).state_dict()
     write_model_dir(tmp_path / "m", state, config, prep)

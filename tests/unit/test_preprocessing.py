@@ -24,7 +24,6 @@ from runtime.preprocessing import (
     fit,
     load_spec,
 )
-from runtime.preprocessing._fingerprint import _code_fingerprint_of
 
 SPEC_YAML = """\
 label: {name: churned, task: binary}
@@ -68,15 +67,20 @@ def raises_schema(fn: Any, *args: Any) -> SchemaValidationError:
 def test_public_surface_is_locked() -> None:
     assert sorted(prep.__all__) == [
         "CategoricalFeature",
+        "FEATURES",
         "FeatureSpec",
         "FittedPreprocessor",
+        "LABEL",
         "LabelSpec",
         "NumericFeature",
         "PassthroughFeature",
         "code_fingerprint",
         "features_and_labels",
         "fit",
+        "input_schema_of",
         "load_spec",
+        "package_files",
+        "source_fingerprint",
         "transform_batch",
     ]
 
@@ -460,7 +464,7 @@ def test_input_schema(fitted: FittedPreprocessor) -> None:
             pa.field("score", pa.float64(), nullable=False),
         ]
     )
-    assert fitted.spec.input_schema() == fitted.input_schema
+    assert prep.input_schema_of(fitted.spec) == fitted.input_schema
 
 
 # --------------------------------------------------------------------------- labels
@@ -593,31 +597,41 @@ def test_state_is_a_copy() -> None:
     assert same_bits(fp.transform(table), before)
 
 
-def test_code_fingerprint_is_stable_and_covers_the_sources(tmp_path: Path) -> None:
+def test_code_fingerprint_is_stable_and_covers_what_the_code_does(tmp_path: Path) -> None:
+    from runtime.preprocessing import package_files, source_fingerprint
+
     package = Path(prep.__file__).parent
-    assert code_fingerprint() == code_fingerprint() == _code_fingerprint_of(package)
+    assert code_fingerprint() == code_fingerprint() == source_fingerprint(package_files(package))
     assert len(code_fingerprint()) == 64
-    copy = tmp_path / "preprocessing"
+    copy = tmp_path / "runtime" / "preprocessing"
     shutil.copytree(package, copy)
-    assert _code_fingerprint_of(copy) == code_fingerprint()
+
+    def copied() -> str:
+        return source_fingerprint(package_files(copy), root=tmp_path)
+
+    assert copied() == code_fingerprint()
     (copy / "__pycache__").mkdir(exist_ok=True)
     (copy / "__pycache__" / "junk.py").write_text("x = 1\n")
-    assert _code_fingerprint_of(copy) == code_fingerprint()
-    with (copy / "_ops.py").open("a") as f:
-        f.write("\n")
-    assert _code_fingerprint_of(copy) != code_fingerprint()
+    assert copied() == code_fingerprint()
+    ops = copy / "_ops.py"
+    original = ops.read_text()
+    # comments, blank lines and docstrings are not code: the fingerprint stays
+    ops.write_text("# a comment\n" + original.replace('"""', '"""Reworded. ', 1) + "\n\n# trailing\n")
+    assert copied() == code_fingerprint()
+    # a changed expression is new code
+    ops.write_text(original + "\n\ndef _added(x):\n    return x + 1\n")
+    assert copied() != code_fingerprint()
 
 
-def test_spec_fit_alias_and_fit_arguments() -> None:
+def test_fit_arguments_are_checked() -> None:
     spec = spec_of({"name": "x", "type": "numeric"})
     table = pa.table({"x": [1.0, 2.0]})
-    assert spec.fit(table).fingerprint == fit(spec, table).fingerprint
     with pytest.raises(PreprocessingError, match="FeatureSpec"):
         fit({"features": []}, table)  # type: ignore[arg-type]
     with pytest.raises(PreprocessingError, match=r"pyarrow\.Table"):
         fit(spec, {"x": [1.0]})  # type: ignore[arg-type]
     with pytest.raises(PreprocessingError, match=r"pyarrow\.Table"):
-        spec.fit(table).transform({"x": [1.0]})  # type: ignore[arg-type]
+        fit(spec, table).transform({"x": [1.0]})  # type: ignore[arg-type]
 
 
 def test_state_must_be_plain_json_and_match_the_spec() -> None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from runtime.errors import ConfigError
-from runtime.serving._deploy import validate_serve_config
+from runtime.serving import validate_serve_config
 
 GIB = 1 << 30
 

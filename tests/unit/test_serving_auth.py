@@ -7,8 +7,7 @@ import json
 import pytest
 
 from runtime.errors import ConfigError
-from runtime.serving._auth import DEFAULT_API_KEY_ENV, ApiKeyAuth
-from runtime.serving._codec import HttpError
+from runtime.serving import DEFAULT_API_KEY_ENV, ApiKeyAuth, HttpError
 
 KEY = "k3y-0123456789abcdef-XYZ"
 
@@ -74,11 +73,12 @@ def test_repr_hides_the_key() -> None:
     assert repr(ApiKeyAuth.from_config(KEY, None)) == "ApiKeyAuth(enabled=True)"
 
 
-def test_health_paths_stay_open() -> None:
-    for path in ("/healthz", "/healthz/", "/-/healthz", "/-/routes"):
-        assert ApiKeyAuth.is_open_path(path)
-    for path in ("/predict", "/", "/healthzz", "/-/other"):
-        assert not ApiKeyAuth.is_open_path(path)
+def test_every_route_needs_the_key_but_health() -> None:
+    from runtime.serving import ROUTES, Route
+
+    assert {path for path, route in ROUTES.items() if not route.auth} == {"/healthz"}
+    assert Route.auth  # the default: a new route needs the key unless it says otherwise
+    assert ROUTES["/predict"].methods == {"POST"}
 
 
 def test_a_configured_key_variable_that_is_missing_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
 from runtime.errors import SchemaValidationError
 from runtime.preprocessing import FeatureSpec, FittedPreprocessor, fit
-from runtime.registry import Predictions
 from runtime.serving._codec import ARROW_STREAM, JSON, HttpError, decode_request, encode_response
+from runtime.tasks import Predictions
 
 MAX_BODY = 1 << 20
 MAX_INSTANCES = 50

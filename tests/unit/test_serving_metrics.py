@@ -17,9 +17,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
-from runtime.registry import LoadedModel, Predictions
+from runtime.registry import LoadedModel
 from runtime.serving import _metrics
 from runtime.serving._metrics import MAX_LABEL_VALUES, ServingMetrics, exported_names, feature_buckets
+from runtime.tasks import Predictions
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "skewless-serving.json"
 BASE = {"model": "churn", "version": "3"}
@@ -202,14 +203,15 @@ def test_observe_batch_never_raises(caplog: pytest.LogCaptureFixture) -> None:
 def model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     import torch
 
-    from runtime.models import build_model, mlp_config
+    from runtime.models import MLPConfig, build_model
     from runtime.preprocessing import FeatureSpec, fit
-    from runtime.registry import load_model_dir, write_model_dir
+    from runtime.registry import load_model_dir, model_json, write_model_dir
+    from runtime.tasks import task_for
 
     tmp = tmp_path_factory.mktemp("metrics")
     table = pq.read_table(generate_synthetic(tmp / "d.parquet", SyntheticConfig(rows=2000, seed=2)))
     prep = fit(FeatureSpec.model_validate(synthetic_feature_spec("binary")), table)
-    config = mlp_config(prep, "binary", [8])
+    config = model_json(MLPConfig(hidden=[8]), prep, task_for("binary"))
     torch.manual_seed(0)
     write_model_dir(tmp / "m", build_model(config).state_dict(), config, prep)
     return load_model_dir(tmp / "m")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -11,14 +12,26 @@ import pytest
 import torch
 
 from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
-from runtime.models import build_model
+from runtime.models import MLPConfig, build_model
 from runtime.preprocessing import FeatureSpec, features_and_labels, fit
-from runtime.training import Callback, Event, LoopState
-from runtime.training._checkpoint import load_checkpoint, save_checkpoint
-from runtime.training._events import CallbackList
-from runtime.training._loop import _loss_fn, train_step
+from runtime.registry import model_json
+from runtime.tasks import Head, task_for
+from runtime.training import (
+    Callback,
+    CallbackList,
+    Event,
+    LoopState,
+    TabularObjective,
+    guarded_step,
+    load_checkpoint,
+    micro_batch_agreement,
+    save_checkpoint,
+    save_rng_state,
+    train_step,
+)
 
 CPU = torch.device("cpu")
+BINARY = TabularObjective("binary", Head((0, 1)))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +50,13 @@ def _model(prep) -> torch.nn.Module:  # type: ignore[no-untyped-def]
 def _save(path: Path, model, opt, sched, prep, **position: int) -> None:  # type: ignore[no-untyped-def]
     """A checkpoint of ``model`` at ``position`` (epoch, step, step_in_epoch, micro_batch_size)."""
     save_checkpoint(
-        path, model, opt, sched, preprocessor_json=prep.to_json(), preprocessor_fingerprint=prep.fingerprint, **position
+        path,
+        model,
+        opt,
+        sched,
+        run_fingerprint=prep.fingerprint,
+        extra_files={"preprocessor.json": prep.to_json()},
+        **position,
     )
 
 
@@ -52,7 +71,7 @@ def test_micro_batching_gives_the_full_batch_gradient(batch_and_prep, micro: int
         state = LoopState(
             rank=0, world_size=1, epochs=1, batch_size=256, micro_batch_size=m, model=model, optimizer=opt
         )
-        loss = train_step(state, features_and_labels(prep, batch), _loss_fn("binary"), "binary", (0.0, 1.0), CPU)
+        loss = float(train_step(state, features_and_labels(prep, batch), BINARY, CPU))
         results.append((loss, [p.detach().clone() for p in model.parameters()]))
     (full_loss, full), (micro_loss, parts) = results
     assert micro_loss == pytest.approx(full_loss, rel=1e-5)
@@ -63,9 +82,6 @@ def test_micro_batching_gives_the_full_batch_gradient(batch_and_prep, micro: int
 def test_a_step_recomputed_after_an_oom_redraws_the_same_dropout_masks(batch_and_prep) -> None:  # type: ignore[no-untyped-def]
     """The OOM comes after the forward pass drew its dropout masks: the retry must draw the
     same ones again, so the step equals one that started at the smaller micro-batch."""
-    from runtime.models import mlp_config
-    from runtime.training._loop import guarded_step, micro_batch_agreement
-
     table, prep = batch_and_prep
     batch = table.slice(0, 64)
 
@@ -76,7 +92,7 @@ def test_a_step_recomputed_after_an_oom_redraws_the_same_dropout_masks(batch_and
 
     def run(micro: int, oom_above: int | None) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        model = build_model(mlp_config(prep, "binary", [32], dropout=0.5))
+        model = build_model(model_json(MLPConfig(hidden=[32], dropout=0.5), prep, task_for("binary")))
         if oom_above is not None:
             forward = model.forward
 
@@ -92,18 +108,13 @@ def test_a_step_recomputed_after_an_oom_redraws_the_same_dropout_masks(batch_and
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         )  # fmt: skip
         torch.manual_seed(7)  # the loop's own stream
-        guarded_step(state, features_and_labels(prep, batch), _loss_fn("binary"), "binary", (0.0, 1.0), CPU, "fp32",
-                     CallbackList([HalveOnOom()]), micro_batch_agreement(1))  # fmt: skip
+        guarded_step(state, features_and_labels(prep, batch), BINARY, CPU, "fp32", CallbackList([HalveOnOom()]),
+                     micro_batch_agreement(1))  # fmt: skip
         assert state.micro_batch_size == 16
         return [p.detach().clone() for p in model.parameters()]
 
     for a, b in zip(run(16, None), run(64, oom_above=16), strict=True):
         assert torch.equal(a, b)
-
-
-def test_accumulation_steps() -> None:
-    s = LoopState(rank=0, world_size=2, epochs=1, batch_size=100, micro_batch_size=32)
-    assert s.accumulation_steps == 4
 
 
 def test_callbacks_fire_in_order_and_oom_is_claimed() -> None:
@@ -132,7 +143,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(batch_and_prep
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     state = LoopState(rank=0, world_size=1, epochs=1, batch_size=64, micro_batch_size=64, model=model, optimizer=opt)
-    train_step(state, features_and_labels(prep, table.slice(0, 64)), _loss_fn("binary"), "binary", (0.0, 1.0), CPU)
+    train_step(state, features_and_labels(prep, table.slice(0, 64)), BINARY, CPU)
     sched.step()
     torch.manual_seed(123), np.random.seed(5), random.seed(9)
     _save(tmp_path, model, opt, sched, prep, epoch=1, step=7, step_in_epoch=3, micro_batch_size=16)
@@ -154,8 +165,6 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(batch_and_prep
 
 
 def test_each_rank_gets_its_own_rng_state_back(batch_and_prep, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from runtime.training._checkpoint import save_rng_state
-
     _, prep = batch_and_prep
     model = _model(prep)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -176,11 +185,6 @@ def test_each_rank_gets_its_own_rng_state_back(batch_and_prep, tmp_path: Path) -
     torch.manual_seed(12)
     load_checkpoint(tmp_path, grown, opt, None, rank=2)
     assert torch.equal(torch.rand(4), fresh)
-    # a checkpoint from before per-rank states: its one rng.pt serves every rank
-    (tmp_path / "rng-rank0.pt").rename(tmp_path / "rng.pt")
-    (tmp_path / "rng-rank1.pt").unlink()
-    load_checkpoint(tmp_path, _model(prep), opt, None, rank=1)
-    assert torch.equal(torch.rand(4), rank0)
 
 
 def test_resume_refuses_a_checkpoint_of_other_preprocessing(batch_and_prep, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -191,5 +195,93 @@ def test_resume_refuses_a_checkpoint_of_other_preprocessing(batch_and_prep, tmp_
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _save(tmp_path, model, opt, None, prep, epoch=1, step=3, step_in_epoch=0, micro_batch_size=8)
     with pytest.raises(TrainingError, match="use a new training.run_name"):
-        load_checkpoint(tmp_path, _model(prep), opt, None, expected_preprocessor="f" * 64)
-    assert load_checkpoint(tmp_path, _model(prep), opt, None, expected_preprocessor=prep.fingerprint).step == 3
+        load_checkpoint(tmp_path, _model(prep), opt, None, expected_fingerprint="f" * 64)
+    assert load_checkpoint(tmp_path, _model(prep), opt, None, expected_fingerprint=prep.fingerprint).step == 3
+
+
+def test_every_callbacks_run_end_runs_and_the_loops_error_wins() -> None:
+    ended: list[str] = []
+
+    class Ends(Callback):
+        def __init__(self, name: str, fail: bool = False) -> None:
+            self.name, self.fail = name, fail
+
+        def on_run_end(self, state: LoopState) -> None:
+            ended.append(self.name)
+            if self.fail:
+                raise RuntimeError(f"{self.name} failed")
+
+    state = LoopState(rank=0, world_size=1, epochs=1, batch_size=8, micro_batch_size=8)
+    cbs = CallbackList([Ends("a", fail=True), Ends("b"), Ends("c", fail=True)])
+    with pytest.raises(RuntimeError, match="a failed"):
+        cbs.on_run_end(state)  # the run succeeded: the first callback error is raised, after all ran
+    assert ended == ["a", "b", "c"]
+    ended.clear()
+    state.error = ValueError("the loop failed")
+    cbs.on_run_end(state)  # the loop's own error is the one that propagates; every callback still ran
+    assert ended == ["a", "b", "c"]
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path: Path) -> None:
+    from runtime.training.callbacks import EarlyStopping
+
+    model = torch.nn.Linear(2, 1)
+    state = LoopState(rank=0, world_size=1, epochs=10, batch_size=8, micro_batch_size=8, model=model)
+    stop = EarlyStopping("valid_loss", higher_is_better=False, patience=2, min_delta=0.01)
+    losses = [1.0, 0.5, 0.495, 0.6, 0.4]  # epoch 2 improves by less than min_delta
+    best_weights = None
+    for epoch, loss in enumerate(losses):
+        state.epoch = epoch
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        if epoch == 1:
+            best_weights = model.weight.detach().clone()
+        state.metrics = {"valid_loss": loss}
+        stop.on_epoch_end(state)
+        if state.stop_requested:
+            break
+    assert state.epoch == 3 and state.stop_requested  # epochs 2 and 3 did not improve
+    assert torch.equal(model.weight, best_weights)  # the model holds epoch 1's weights again
+    assert state.metrics["early_stopping/best_epoch"] == 1.0
+    assert state.metrics["early_stopping/stopped_epoch"] == 3.0
+    # the decision survives a restart: the state and the best weights are in the checkpoint
+    stop.on_checkpoint(state, tmp_path)
+    again = EarlyStopping("valid_loss", higher_is_better=False, patience=2, min_delta=0.01)
+    again.on_resume(state, tmp_path)
+    assert (again.best, again.best_epoch, again.bad_epochs) == (0.5, 1, 2)
+    with pytest.raises(Exception, match="not a validation metric of this run"):
+        EarlyStopping("valid_rmse", False, 2).on_epoch_end(state)
+
+
+def test_in_memory_source_is_independent_of_the_block_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What each rank sees, and in which order, depends on the rows and the seed, not on how
+    the rows were cut into blocks or in which order the blocks came."""
+    from runtime.data import ORDER_KEY
+    from runtime.training._ingest import InMemoryData
+    from runtime.training._sources import InMemorySource
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    rows = {"x": rng.normal(size=(n, 3)).astype(np.float32), "y": rng.integers(0, 2, n), ORDER_KEY: rng.random(n)}
+
+    def blocks(cuts: list[int], order: list[int]) -> list[dict[str, np.ndarray]]:
+        edges = [0, *cuts, n]
+        parts = [{k: v[a:b] for k, v in rows.items()} for a, b in itertools.pairwise(edges)]
+        return [parts[i] for i in order]
+
+    import ray
+
+    monkeypatch.setattr(ray, "get", lambda refs: refs)  # the blocks as plain values, not refs
+
+    def seen(parts: list[dict[str, np.ndarray]], rank: int) -> list[np.ndarray]:
+        source = InMemorySource(InMemoryData(tuple(parts), tuple(parts[:1]), n), rank, 2, 64, seed=3)
+        return [b["x"] for e in range(2) for b in source.batches(e)]
+
+    for rank in (0, 1):
+        a = seen(blocks([500], [0, 1]), rank)
+        b = seen(blocks([100, 350, 900], [3, 1, 0, 2]), rank)
+        assert len(a) == len(b) == 2 * 8  # 500 rows per rank, batches of 64, two epochs
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    first, second = seen(blocks([500], [0, 1]), 0), seen(blocks([500], [0, 1]), 1)
+    assert not np.array_equal(first[0], second[0])  # the ranks see different rows
+    assert not np.array_equal(first[0], first[8])  # and a new order every epoch

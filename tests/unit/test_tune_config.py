@@ -10,7 +10,7 @@ import yaml
 
 from runtime.data import synthetic_feature_spec
 from runtime.errors import ConfigError
-from runtime.training._tune import resolve_tune_config
+from runtime.training import resolve_tune_config
 
 
 def _write(tmp_path: Path, space: dict[str, Any], **extra: Any) -> Path:
@@ -60,4 +60,4 @@ def test_checkpoint_every_steps_is_refused_under_tune(tmp_path: Path) -> None:
 
 def test_good_config_resolves_with_the_spec_inline(tmp_path: Path) -> None:
     tune_cfg, base = resolve_tune_config(_write(tmp_path, {"model.hidden": {"choice": [[16], [32, 16]]}}))
-    assert tune_cfg.mode == "min" and isinstance(base["features"], dict)
+    assert tune_cfg.metric == "valid_loss" and isinstance(base["features"], dict)

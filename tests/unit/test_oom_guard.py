@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from runtime.gpu._oom import OomGuard
 from runtime.training import LoopState
+from runtime.training.callbacks import OomGuard
 
 
 def _guard_on_a_fake_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retries: list[int]) -> OomGuard:
@@ -41,7 +41,7 @@ def test_growing_alloc_retries_halve_the_micro_batch_with_a_bundle(
     # grew on steps 1, 2, 3 -> halve at step 3; the detector restarts for the new size and
     # needs a previous step plus 3 more growing ones -> halve again at step 7
     assert sizes == [64, 64, 64, 32, 32, 32, 32, 16]
-    assert state.accumulation_steps == 4  # the effective batch is unchanged
+    assert -(-state.batch_size // state.micro_batch_size) == 4  # 4 micro-batches: the effective batch is unchanged
     events = state.extra["oom_events"]
     assert [e["micro_batch"] for e in events] == [[64, 32], [32, 16]]
     assert all("allocator thrash" in e["reason"] for e in events)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.gpu._hostmem import process_tree_rss, try_create_limited_cgroup
-from runtime.gpu._watchdog import HostMemoryWatchdog, StepBeacon, read_beacon
+from runtime.memory import HostMemoryWatchdog, StepBeacon, process_tree_rss, read_beacon, try_create_limited_cgroup
 
 # A leak of 16 MiB per step. The dump races a leak this fast (on a loaded 2-core machine the
 # kernel can kill the worker before the scan of live objects finishes), so once asked to dump
@@ -25,7 +24,7 @@ from runtime.gpu._watchdog import HostMemoryWatchdog, StepBeacon, read_beacon
 WORKER = r"""
 import os, sys, time
 import numpy as np
-from runtime.gpu._watchdog import StepBeacon, install_worker_side
+from runtime.memory import StepBeacon, install_worker_side
 dumps = install_worker_side(sys.argv[1], rank=3)
 beacon = StepBeacon(sys.argv[2], create=False)
 sys.stdout.write("ready\n"); sys.stdout.flush()
@@ -116,7 +115,7 @@ def test_step_beacon_is_shared_between_processes(tmp_path: Path) -> None:
     assert read_beacon(beacon.path) == -1
     beacon.set(41)
     out = subprocess.run(
-        [sys.executable, "-c", f"from runtime.gpu._watchdog import read_beacon; print(read_beacon({beacon.path!r}))"],
+        [sys.executable, "-c", f"from runtime.memory import read_beacon; print(read_beacon({beacon.path!r}))"],
         capture_output=True,
         text=True,
         check=True,

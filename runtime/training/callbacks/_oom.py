@@ -1,7 +1,7 @@
 """The OOM guard: survive a CUDA out-of-memory with an unchanged effective batch, and leave a
 bundle a person can read.
 
-How it plugs into the training loop (:mod:`runtime.training._loop`):
+How it plugs into the training loop (:func:`runtime.training.guarded_step`):
 
 - the loop runs a step's micro-batches with no collective in between (DDP's gradient
   all-reduce is deferred to one explicit all-reduce after the last micro-batch), so a rank
@@ -32,14 +32,14 @@ import logging
 import os
 import pickle
 import shutil
-import sys
 import tempfile
-import threading
 import traceback
 from pathlib import Path
 from typing import Any
 
-from runtime.training._events import Callback, LoopState
+from runtime.memory import ThrashDetector, all_thread_stacks, host_memory_report, nvml_report, private_diagnostics_dir
+from runtime.registry import RunLogger
+from runtime.training.callbacks._base import Callback, LoopState
 
 logger = logging.getLogger(__name__)
 
@@ -60,21 +60,19 @@ class OomGuard(Callback):
     """Catches CUDA OOMs, writes a diagnostics bundle, halves the micro-batch.
 
     ``diagnostics_dir`` is a local path or a ``pyarrow.fs`` URI (the run's storage); bundles
-    are also logged to the MLflow run ``mlflow_run_id`` under ``diagnostics/``.
+    are also logged to the MLflow run through ``run_logger``, under ``diagnostics/``.
     """
 
     def __init__(
         self,
         diagnostics_dir: str,
-        mlflow_run_id: str | None = None,
-        tracking_uri: str | None = None,
+        run_logger: RunLogger | None = None,
         record_history: bool = True,
         thrash_window: int = 3,
         context: dict[str, Any] | None = None,
     ) -> None:
         self.diagnostics_dir = diagnostics_dir
-        self.mlflow_run_id = mlflow_run_id
-        self.tracking_uri = tracking_uri
+        self.run_logger = run_logger
         self.record_history = record_history
         self.thrash_window = thrash_window
         self.context = context or {}
@@ -87,8 +85,6 @@ class OomGuard(Callback):
 
     def on_run_start(self, state: LoopState) -> None:
         import torch
-
-        from runtime.gpu._tracker import ThrashDetector
 
         self._thrash = ThrashDetector(self.thrash_window)
         if torch.cuda.is_available():
@@ -135,8 +131,6 @@ class OomGuard(Callback):
             bundle = self.write_bundle(state, error, reason, before, after)
         state.micro_batch_size = after
         if self._thrash is not None:  # judge the new micro-batch on its own steps
-            from runtime.gpu._tracker import ThrashDetector
-
             self._thrash = ThrashDetector(self.thrash_window)
         events = state.extra.setdefault("oom_events", [])
         events.append({"step": state.step, "reason": reason, "micro_batch": [before, after], "bundle": bundle})
@@ -169,18 +163,12 @@ class OomGuard(Callback):
             try:
                 target = _copy_out(local, self.diagnostics_dir, name)
             except Exception as exc:  # storage unreachable: keep a local copy, keep recovering
-                kept = Path(tempfile.gettempdir()) / "skewless-diagnostics" / name
+                kept = private_diagnostics_dir() / name
                 shutil.copytree(local, kept, dirs_exist_ok=True)
                 target = str(kept)
                 logger.warning("diagnostics not copied to %s (%s); kept at %s", self.diagnostics_dir, exc, kept)
-            if self.mlflow_run_id:
-                try:
-                    import mlflow
-
-                    client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-                    client.log_artifacts(self.mlflow_run_id, str(local), f"diagnostics/{name}")
-                except Exception as exc:
-                    logger.warning("diagnostics bundle not logged to MLflow: %s", exc)
+            if self.run_logger is not None:
+                self.run_logger.log_artifacts(local, f"diagnostics/{name}")
         self.bundles.append(target)
         return target
 
@@ -207,7 +195,7 @@ def write_bundle_files(
     if error is not None:
         put("error.txt", "".join(traceback.format_exception(error)))
     put("stacks.txt", all_thread_stacks())
-    host = _host_memory()
+    host = host_memory_report()
     facts: dict[str, Any] = {
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "event": "out of memory" if error is not None else "allocator thrash",  # thrash: no exception
@@ -231,7 +219,7 @@ def write_bundle_files(
             k: v for k, v in torch.cuda.memory_stats().items() if k.endswith(".all.current") or k.startswith("num_")
         }
         put("memory_summary.txt", torch.cuda.memory_summary())
-        put("nvml.json", json.dumps(_nvml_usage(), indent=2))
+        put("nvml.json", json.dumps(nvml_report(), indent=2))
         snapshot = _snapshot()
         if snapshot is not None:
             # torch's own format, for https://pytorch.org/memory_viz (we only write it).
@@ -298,15 +286,6 @@ def _report(facts: dict[str, Any], consumers: list[tuple[str, int]], files: list
     return "\n".join(lines) + "\n"
 
 
-def all_thread_stacks() -> str:
-    names = {t.ident: t.name for t in threading.enumerate()}
-    out = []
-    for ident, frame in sys._current_frames().items():
-        out.append(f"--- thread {names.get(ident, '?')} ({ident})\n")
-        out.extend(traceback.format_stack(frame))
-    return "".join(out)
-
-
 def tensor_census(state: LoopState) -> list[tuple[str, int]]:
     """What holds memory, by role, when there is no allocator snapshot (CPU, or history off)."""
     import torch
@@ -362,43 +341,6 @@ def _snapshot() -> dict[str, Any] | None:
         return None
 
 
-def _nvml_usage() -> dict[str, Any]:
-    from runtime.gpu import _nvml
-
-    if not _nvml.gpu_available():
-        return {"available": False, "reason": _nvml.no_gpu_reason()}
-    out: dict[str, Any] = {"available": True, "devices": []}
-    for dev in _nvml.visible_devices():
-        try:
-            mem: Any = _nvml.memory(dev)
-        except Exception:  # a GPU NVML can no longer read: report the rest
-            mem = None
-        out["devices"].append(
-            {
-                "device": dev.label,
-                "total": mem.total if mem else None,
-                "used": mem.used if mem else None,
-                "processes": _nvml.process_usage(dev),
-            }
-        )
-    return out
-
-
-def _host_memory() -> dict[str, Any]:
-    from runtime.gpu._hostmem import memory_pressure, process_rss
-
-    try:
-        reading = memory_pressure()
-        return {
-            "usage_mb": round(reading.usage / _MB, 1),
-            "limit_mb": round(reading.limit / _MB, 1),
-            "source": reading.source,
-            "rss_mb": round(process_rss() / _MB, 1),
-        }
-    except Exception as exc:
-        return {"error": str(exc)}
-
-
 def _free(state: LoopState) -> None:
     """Drop what the failed step held so the retry starts from the steady state."""
     if state.optimizer is not None:
@@ -415,8 +357,6 @@ def _copy_out(local: Path, destination: str, name: str) -> str:
     if "://" not in destination:
         target = Path(destination) / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        import shutil
-
         shutil.copytree(local, target, dirs_exist_ok=True)
         return str(target)
     import pyarrow.fs as pafs

@@ -1,14 +1,15 @@
-"""Memory tracking for a training run: a sampler thread, allocator stats per step, a report.
+"""Memory readings over time: a sampler thread, the allocator's counters, a plot, gauges.
 
 Two sources, on purpose:
 
 * :class:`MemorySampler`, a daemon thread, reads what the driver and kernel see (NVML
   device used/total, this process's NVML usage, RSS, the memory cgroup) every
   ``interval_s``. It calls nothing that synchronizes CUDA, so it never stalls the step.
-* :class:`MemoryTracker` reads PyTorch's caching-allocator counters at each step end
-  (``torch.cuda.memory_stats`` is a dict read, no sync): allocated vs reserved is what
-  tells fragmentation from a real leak, and ``num_alloc_retries`` rising step after step
-  is the allocator thrashing just before an OOM (:class:`ThrashDetector`).
+* :func:`allocator_stats` reads PyTorch's caching-allocator counters (``torch.cuda.memory_stats``
+  is a dict read, no sync): allocated vs reserved is what tells fragmentation from a real
+  leak, and ``num_alloc_retries`` rising step after step is the allocator thrashing just
+  before an OOM (:class:`ThrashDetector`). The training loop's memory tracker
+  (``runtime.training.callbacks``) reads it at each step end.
 
 Records are flat dicts whose keys are ``rss``, ``cgroup_usage``, ``cgroup_limit`` and
 ``cuda<N>/<kind>`` (``cuda<N>`` is torch's ``cuda:N``); byte values, except the counters in
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ConfigError, SkewlessError
-from runtime.gpu import _hostmem, _nvml
-from runtime.training._events import Callback, LoopState
+from runtime.memory import _hostmem, _nvml
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class MemorySampler:
     """Samples device and host memory on a daemon thread every ``interval_s`` seconds.
 
     ``sink`` receives each record (on the sampler thread); the last ``keep`` records stay in
-    :attr:`samples`. ``devices`` defaults to :func:`runtime.gpu.visible_devices`.
+    :attr:`samples`. ``devices`` defaults to :func:`runtime.memory.visible_devices`.
     """
 
     def __init__(
@@ -207,191 +206,6 @@ class ThrashDetector:
         self._last = num_alloc_retries
         return self._growing >= self.window
 
-
-class MemoryTracker(Callback):
-    """Tracks memory over a training run and writes a report when it ends.
-
-    On each ``log_every_steps``-th step the latest values go to MLflow (when
-    ``mlflow_run_id`` is given; keys ``mem/rank<r>/...``) and to Prometheus gauges
-    (``skewless_memory_bytes`` / ``skewless_memory_stat``, labels rank, device, kind, on the
-    default registry). ``state.extra["memory"]`` holds the latest summary after every step.
-    At run end: ``memory_timeline_rank<r>.jsonl``, ``memory_rank<r>.png`` and
-    ``memory_report_rank<r>.json`` in ``output_dir`` (and under ``memory/`` in MLflow).
-    """
-
-    def __init__(
-        self,
-        interval_s: float = 1.0,
-        output_dir: str | None = None,
-        mlflow_run_id: str | None = None,
-        tracking_uri: str | None = None,
-        prometheus: bool = True,
-        log_every_steps: int = 50,
-    ) -> None:
-        if not interval_s > 0:
-            raise ConfigError(f"interval_s ({interval_s!r}) must be > 0 seconds, e.g. 1.0")
-        if log_every_steps < 1:
-            raise ConfigError(f"log_every_steps ({log_every_steps}) must be >= 1")
-        self.interval_s, self.output_dir = interval_s, output_dir
-        self.mlflow_run_id, self.tracking_uri = mlflow_run_id, tracking_uri
-        self.prometheus, self.log_every_steps = prometheus, log_every_steps
-        self.report_paths: dict[str, Path] = {}
-        self.peaks: dict[str, float] = {}
-        self._reset_runtime()
-
-    def _reset_runtime(self) -> None:
-        # Everything a run creates; left out of pickles (Ray ships callbacks to workers).
-        self._lock = threading.Lock()
-        self._sampler: MemorySampler | None = None
-        self._cgroup: _hostmem.CgroupLocation | None = None
-        self._timeline: Any = None
-        self._client: Any = None  # MlflowClient, made on first use
-        self._rank = 0
-        self._raw_peaks: dict[str, float] = {}
-        self._last_step: dict[str, Any] = {}
-        self._counts = {"sampler": 0, "step": 0}
-        self._warned: set[str] = set()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        for key in ("_lock", "_sampler", "_timeline", "_client"):
-            del state[key]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock, self._sampler, self._timeline, self._client = threading.Lock(), None, None, None
-
-    # ------------------------------------------------------------ events
-
-    def on_run_start(self, state: LoopState) -> None:
-        if self._sampler is not None:  # a run that never reached on_run_end
-            self._sampler.stop()
-        self._reset_runtime()
-        self._rank = state.rank
-        directory = Path(self.output_dir or tempfile.mkdtemp(prefix="skewless-memory-"))
-        directory.mkdir(parents=True, exist_ok=True)
-        self.output_dir = str(directory)
-        self.report_paths = {"timeline": directory / f"memory_timeline_rank{state.rank}.jsonl"}
-        self._timeline = self.report_paths["timeline"].open("w")
-        self._cgroup = _hostmem.find_memory_cgroup()
-        self._sampler = MemorySampler(self.interval_s, rank=state.rank, sink=self._record)
-        self._sampler.start()
-
-    def on_step_end(self, state: LoopState) -> None:
-        stats = allocator_stats()  # a host-side counter read: no CUDA synchronization
-        publish = state.step % self.log_every_steps == 0 or "memory" not in state.extra
-        # Without a CUDA allocator the host figures (RSS, cgroup) are what can run out; the
-        # background sampler has them, so a step reads /proc only when it publishes (reading
-        # it every step cost 0.4 ms, more than a small step's own 10%).
-        if stats or publish:
-            record: dict[str, Any] = {"source": "step", "t": time.time(), "rank": state.rank, "step": state.step}
-            record.update(stats or host_stats(self._cgroup))
-            self._record(record)
-            self._last_step = record
-        if publish:
-            summary = self.summary()
-            state.extra["memory"] = summary
-            self._publish(summary, state.step)
-
-    def on_run_end(self, state: LoopState) -> None:
-        if self._sampler is None:
-            return  # never started
-        self._sampler.stop()
-        self._sampler.sample_once()  # a short run still gets a closing sample
-        summary = self.summary()
-        state.extra["memory"] = summary
-        self._publish(summary, state.step)
-        with self._lock:
-            self._timeline.close()
-        self._write_report()
-        self._sampler = None
-
-    # ------------------------------------------------------------ records and output
-
-    def summary(self) -> dict[str, float]:
-        """The latest sampler values overlaid with the latest step's, as MiB / counts."""
-        latest = dict(self._sampler.latest or {}) if self._sampler else {}
-        latest.update(self._last_step)
-        return summarize(latest)
-
-    def _record(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record)
-        with self._lock:
-            self._counts[record["source"]] += 1
-            for key, value in record.items():
-                if key not in ("t", "rank", "step") and isinstance(value, (int, float)):
-                    self._raw_peaks[key] = max(value, self._raw_peaks.get(key, value))
-            if self._timeline is not None and not self._timeline.closed:
-                self._timeline.write(line + "\n")
-                if record["source"] == "sampler":
-                    self._timeline.flush()
-
-    def _publish(self, summary: dict[str, float], step: int) -> None:
-        if self.prometheus:
-            self._safely("prometheus", lambda: set_gauges(self._rank, summary))
-        if self.mlflow_run_id:
-            self._safely("mlflow", lambda: self._log_mlflow(summary, step))
-
-    def _safely(self, what: str, action: Any) -> None:
-        """Publishing must not end a training run: warn once per target, keep going."""
-        try:
-            action()
-        except Exception as exc:
-            if what not in self._warned:
-                self._warned.add(what)
-                logger.warning("memory tracker: publishing to %s failed (%s); will keep trying", what, exc)
-
-    def _log_mlflow(self, summary: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"mem/rank{self._rank}/{k}", v, now, step) for k, v in sorted(summary.items())]
-        self._mlflow().log_batch(self.mlflow_run_id or "", metrics=metrics)
-
-    def _mlflow(self) -> Any:
-        if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
-
-    def _write_report(self) -> None:
-        directory = Path(self.output_dir or ".")
-        rank = self._rank
-        self.peaks = summarize(self._raw_peaks)
-        png = directory / f"memory_rank{rank}.png"
-        try:
-            plot_timeline(self.report_paths["timeline"], png, rank)
-            self.report_paths["plot"] = png
-        except Exception as exc:  # matplotlib missing or broken: the data is still there
-            logger.warning("memory tracker: no plot (%s)", exc)
-        report = directory / f"memory_report_rank{rank}.json"
-        report.write_text(
-            json.dumps(
-                {
-                    "rank": rank,
-                    "interval_s": self.interval_s,
-                    "samples": self._counts["sampler"],
-                    "step_records": self._counts["step"],
-                    "peaks": self.peaks,
-                    "files": {k: p.name for k, p in self.report_paths.items()},
-                },
-                indent=2,
-                sort_keys=True,
-            )
-        )
-        self.report_paths["report"] = report
-        if self.mlflow_run_id:
-            self._safely("mlflow", self._log_artifacts)
-
-    def _log_artifacts(self) -> None:
-        client = self._mlflow()
-        for path in self.report_paths.values():
-            client.log_artifact(self.mlflow_run_id or "", str(path), artifact_path="memory")
-
-
-# ---------------------------------------------------------------- plot
 
 _LIMIT_KINDS = ("cgroup_limit", "nvml_total")  # drawn dashed: the ceilings
 _PLOTTED = {

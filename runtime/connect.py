@@ -1,4 +1,6 @@
-"""Joining Ray: ``RAY_ADDRESS`` or a running local cluster if there is one, else a new local one.
+"""Joining Ray: ``RAY_ADDRESS``, or a running local cluster if there is one, else a new local one.
+
+Training, Tune, the LM job, serving and the demo all connect here (a bottom-layer module).
 
 ``RAY_ADDRESS=local`` always starts a new local instance, even beside a running cluster.
 
@@ -14,6 +16,19 @@ import os
 from typing import Any
 
 from runtime.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_DASHBOARD",
+    "HEADROOM_CPUS",
+    "check_placeable",
+    "connect",
+    "cpus_for",
+    "dashboard_address",
+    "started_locally",
+]
+
+# Where `ray start --head` puts the dashboard (Jobs and Serve REST APIs) by default.
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 _started_here = False
 
@@ -46,7 +61,12 @@ def connect(min_cpus: int = 8) -> None:
             return
         except ConnectionError:
             pass
-    ray.init(num_cpus=max(min_cpus, os.cpu_count() or 1), include_dashboard=False, **quiet)  # type: ignore[arg-type]
+    # The dashboard's HTTP server stays on (Ray's default; it binds 127.0.0.1): Ray Train's
+    # detached PlacementGroupCleaner asks the state API whether a run's controller is alive, and
+    # without that server it never removes the worker group's placement group of a controller
+    # that was killed (a Tune trial that ASHA stopped early): those CPUs stay reserved until the
+    # instance stops, and later trials' Ray Data tasks starve (the shipped search hung so).
+    ray.init(num_cpus=max(min_cpus, os.cpu_count() or 1), **quiet)  # type: ignore[arg-type]
     _started_here = True
 
 
@@ -73,3 +93,9 @@ def check_placeable(training: Any, resources: dict[str, float]) -> None:
             f"training.num_workers ({t.num_workers}) x cpus_per_worker ({t.cpus_per_worker:g}) = {need:g} CPUs, "
             f"but the cluster has {resources.get('CPU', 0):g}; lower num_workers or add nodes"
         )
+
+
+def dashboard_address(address: str | None = None) -> str:
+    """The Ray dashboard (Jobs and Serve REST APIs) to talk to: ``address`` if given, else
+    ``RAY_ADDRESS``, else the local default, as Ray's own ``ray job`` and ``serve`` CLIs do."""
+    return address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD

@@ -122,7 +122,7 @@ def budget_usage(budget: GpuBudget) -> BudgetUsage:
         raise ValueError("budget_usage needs an applied budget: pass what apply_budget returned")
     import torch
 
-    from runtime.gpu import _nvml
+    from runtime.memory import _nvml
 
     nbytes = budget.budget_bytes()
     reserved = int(torch.cuda.memory_reserved(budget.device))
@@ -199,10 +199,6 @@ class PackingPlan:
     headroom_bytes: int
     replicas: tuple[ReplicaBudget, ...]
     device_load: tuple[float, ...]  # GPU fraction used per device by a first-fit-decreasing placement
-
-    @property
-    def gpus_used(self) -> float:
-        return sum(self.device_load)
 
 
 def check_packing(

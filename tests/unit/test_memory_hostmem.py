@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.gpu import _hostmem
+from runtime.memory import _hostmem
 from tests.conftest import wait_for_condition
 
 MIB, GIB = 2**20, 2**30

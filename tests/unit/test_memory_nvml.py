@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from runtime.errors import ConfigError, GpuError
-from runtime.gpu import _nvml
+from runtime.memory import _nvml
 
 GIB = 2**30
 UUID0 = "GPU-11111111-aaaa-bbbb-cccc-000000000000"
@@ -63,7 +63,7 @@ class FakeNvml:
     def _err(self, name: str) -> Exception:
         return getattr(self.module, f"NVMLError_{name}")()
 
-    # --- the API surface runtime.gpu uses
+    # --- the API surface runtime.memory uses
     def nvmlInit(self) -> None:
         if self.init_error == "generic":
             raise self.module.NVMLError("Unknown Error")

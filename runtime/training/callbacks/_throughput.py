@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 
 from runtime.errors import ConfigError
+from runtime.training.callbacks._base import Callback, LoopState
+from runtime.training.callbacks._dist import all_reduce_sum
 
 PEAK_ENV = "SKEWLESS_PEAK_TFLOPS"
 DTYPES = ("bf16", "fp16", "tf32", "fp32")
@@ -137,3 +139,50 @@ class Throughput:
         if self._warm_seconds > 0:
             return self._warm_tokens / self._warm_seconds
         return None
+
+
+class ThroughputMeter(Callback):
+    """Tokens (or rows) per second over each reporting interval, and MFU where the peak is known.
+
+    Adds ``tokens_per_s`` (all ranks together) and, when the device's peak is known
+    (:func:`peak_flops`), ``mfu`` to ``state.metrics`` at each epoch end; the first
+    ``warmup_steps`` steps of the run (compilation, allocator growth) are left out.
+    """
+
+    def __init__(self, flops_per_token: float, precision: str = "bf16", warmup_steps: int = 3) -> None:
+        self.flops_per_token = flops_per_token
+        self.precision = precision
+        self.warmup_steps = warmup_steps
+        self.peak: float | None = None
+        self._meter: Throughput | None = None
+
+    def on_run_start(self, state: LoopState) -> None:
+        import torch
+
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            dtype = (
+                "bf16" if self.precision == "bf16" else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+            )
+            self.peak = peak_flops(torch.cuda.get_device_name(), dtype)
+        else:
+            self.peak = peak_flops("cpu", "fp32")  # None unless SKEWLESS_PEAK_TFLOPS says
+        self._meter = Throughput(self.warmup_steps, sync=torch.cuda.synchronize if cuda else None)
+
+    def on_epoch_start(self, state: LoopState) -> None:
+        if self._meter is not None:
+            self._meter.start()  # evaluation and reporting between epochs are not training time
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self._meter is not None:
+            self._meter.stop(state.last_count)
+            self._meter.start()
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        if self._meter is None:
+            return
+        (tps,) = all_reduce_sum([self._meter.tokens_per_s or 0.0])
+        state.metrics["tokens_per_s"] = tps
+        utilization = mfu(tps, self.flops_per_token, self.peak * state.world_size if self.peak else None)
+        if utilization is not None:
+            state.metrics["mfu"] = utilization

@@ -1,0 +1,149 @@
+"""Where a worker's batches come from, epoch by epoch.
+
+- :class:`InMemorySource`: the split preprocessed once into the object store
+  (:class:`~runtime.training._ingest.InMemoryData`). Every worker fetches the blocks, puts the
+  rows in the order of their content key (:data:`runtime.data.ORDER_KEY`) and, each epoch,
+  deals a global permutation drawn from ``(seed, epoch)`` round-robin to the ranks. What a
+  rank sees, and in which order, depends on the data, the seed and the number of workers
+  only: not on how many CPUs the cluster has or how its readers cut the files into blocks.
+  An epoch costs a permutation and the copies of its batches: no pipeline start-up.
+- :class:`StreamingSource`: Ray Train's dataset shards (``get_dataset_shard``); Ray Data
+  re-reads and re-preprocesses the files every epoch, with a local shuffle buffer.
+- :class:`TokenSource`: random windows of a token array (the language-model job); the
+  windows of a step are drawn from ``(seed, rank, step)``, so a resumed run draws the same.
+
+Each yields ``dict[str, numpy array]`` batches of this rank's share of the effective batch,
+and skips the steps a resumed epoch already trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from runtime.data import ORDER_KEY
+from runtime.preprocessing import FEATURES, LABEL
+from runtime.training._objective import TOKENS
+
+EVAL_ROWS = 4096
+
+
+class Source:
+    def steps_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+
+def _canonical(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The blocks' rows concatenated and sorted by their content key (stable)."""
+    if not parts:
+        return {FEATURES: np.zeros((0, 0), np.float32), LABEL: np.zeros(0)}
+    keys = np.concatenate([p[ORDER_KEY] for p in parts])
+    order = np.argsort(keys, kind="stable")
+    return {name: np.concatenate([p[name] for p in parts])[order] for name in (FEATURES, LABEL)}
+
+
+class InMemorySource(Source):
+    def __init__(self, data: Any, rank: int, world: int, per_rank: int, seed: int) -> None:
+        import ray
+
+        self.rank, self.world, self.per_rank, self.seed = rank, world, per_rank, seed
+        self.train = _canonical(list(ray.get(list(data.train))))
+        self.validation = _canonical(list(ray.get(list(data.validation))))
+        total = len(self.train[LABEL])
+        self.rows = total // world  # every rank the same count, as Ray's equal split does
+        if self.rows == 0:
+            from runtime.errors import ConfigError
+
+            raise ConfigError(f"{total} training rows cannot feed {world} workers; lower training.num_workers")
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.rows / self.per_rank)
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        n = len(self.train[LABEL])
+        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        mine = order[self.rank :: self.world][: self.rows]
+        for start in range(skip * self.per_rank, self.rows, self.per_rank):
+            idx = mine[start : start + self.per_rank]
+            yield {FEATURES: self.train[FEATURES][idx], LABEL: self.train[LABEL][idx]}
+
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        x, y = self.validation[FEATURES][self.rank :: self.world], self.validation[LABEL][self.rank :: self.world]
+        for start in range(0, len(y), EVAL_ROWS):
+            yield {FEATURES: x[start : start + EVAL_ROWS], LABEL: y[start : start + EVAL_ROWS]}
+
+
+class StreamingSource(Source):
+    def __init__(self, train_rows: int, rank: int, world: int, per_rank: int, seed: int) -> None:
+        import ray.train
+
+        self.rank, self.world, self.per_rank, self.seed = rank, world, per_rank, seed
+        self.train_rows = train_rows
+        self.train = ray.train.get_dataset_shard("train")
+        self.validation = ray.train.get_dataset_shard("validation")
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.train_rows / (self.per_rank * self.world))
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        batches = self.train.iter_batches(
+            batch_size=self.per_rank,
+            batch_format="numpy",
+            local_shuffle_buffer_size=max(self.per_rank * 8, 1024),
+            local_shuffle_seed=self.seed * 100_003 + epoch * 101 + self.rank,
+        )
+        for i, batch in enumerate(batches):
+            if i >= skip:  # a resumed epoch: the first ``skip`` steps are in the checkpoint
+                yield batch
+
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        yield from self.validation.iter_batches(batch_size=EVAL_ROWS, batch_format="numpy")
+
+
+def sample_windows(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int) -> np.ndarray:
+    """``batch_size`` random windows of ``seq_len + 1`` tokens (inputs and next-token targets)."""
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    return np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[starts].astype(np.int64)
+
+
+class TokenSource(Source):
+    """``steps`` steps in epochs of ``steps_per_epoch`` (the reporting interval); the last may be shorter."""
+
+    def __init__(
+        self,
+        train: np.ndarray,
+        valid: np.ndarray,
+        rank: int,
+        per_rank: int,
+        seq_len: int,
+        steps: int,
+        steps_per_epoch: int,
+        eval_batches: int,
+        seed: int,
+    ) -> None:
+        self.train_tokens, self.valid_tokens = train, valid
+        self.rank, self.per_rank, self.seq_len, self.seed = rank, per_rank, seq_len, seed
+        self.steps, self.interval, self.n_eval = steps, steps_per_epoch, eval_batches
+
+    def steps_per_epoch(self) -> int:
+        return self.interval
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        first = epoch * self.interval
+        for step in range(first + skip, min(first + self.interval, self.steps)):
+            rng = np.random.default_rng([self.seed, self.rank, step])
+            yield {TOKENS: sample_windows(self.train_tokens, rng, self.per_rank, self.seq_len)}
+
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        rng = np.random.default_rng([self.seed, 1 << 30, self.rank])  # the same windows every time
+        for _ in range(self.n_eval):
+            yield {TOKENS: sample_windows(self.valid_tokens, rng, self.per_rank, self.seq_len)}
