@@ -17,11 +17,12 @@ def run_job(prog: str, doc: str | None, config_help: str, job: Callable[[Path], 
     logging.basicConfig(level=logging.INFO, format="[skewless] %(message)s")
 
     from runtime.errors import SkewlessError
+    from runtime.redact import redact
 
     try:
         summary = job(Path(args.config))
     except SkewlessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     print(summary)
     return 0

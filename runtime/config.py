@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError
 
 from runtime.errors import ConfigError
+from runtime.redact import MASK, SECRET_FIELD, redact
 
 __all__ = [
     "ServeAppArgs",
@@ -28,6 +29,7 @@ __all__ = [
     "expand_path",
     "format_validation_error",
     "load_config",
+    "parse_yaml",
     "read_yaml",
     "resolve_path",
     "validate",
@@ -100,12 +102,17 @@ def read_yaml(path: str | os.PathLike[str], what: str = "config") -> dict[str, A
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    return parse_yaml(text, f"{what} {str(path)!r}")
+
+
+def parse_yaml(text: str, source: str = "config") -> dict[str, Any]:
+    """YAML text whose top level is a mapping; ``source`` names it in the error."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} {str(path)!r} must be a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{source} must be a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -194,8 +201,12 @@ def _walk(root: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[Any, str]:
     return current, path
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
+def _short(value: Any, field: str = "") -> str:
+    """The bad value as a person reads it: shortened, credentials masked, a secret field's
+    value (an API key) not shown at all."""
+    if field and SECRET_FIELD.search(field) and isinstance(value, str):
+        return repr(MASK)
+    text = redact(repr(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -241,9 +252,9 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel], source:
             msg = err["msg"].removeprefix("Value error, ")
             value = err.get("input")
             if isinstance(value, Mapping):  # a model-level rule: the message names the values
-                line = f"{path or '<root>'}: {msg}"
+                line = f"{path or '<root>'}: {redact(msg)}"
             else:
-                line = f"{path or '<root>'}: value {_short(value)} breaks rule: {msg}"
+                line = f"{path or '<root>'}: value {_short(value, str(loc[-1]) if loc else '')} breaks rule: {msg}"
         lines.append(line)
     if len(lines) == 1:
         return f"{source}: {lines[0]}"

@@ -13,11 +13,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["MASK", "has_credentials", "redact", "redact_obj"]
+__all__ = ["MASK", "SECRET_FIELD", "has_credentials", "redact", "redact_obj"]
 
 MASK = "***"
-# scheme://userinfo@host : userinfo is anything up to the last '@' before the host's end
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#\s@'\"]+)@")
+# scheme://userinfo@host: the user-info runs to the *last* '@' before the query, the fragment
+# or the end of the URI, so a password holding '@' or '/' is masked whole (a path holding
+# an '@' is masked too: more than needed, never less).
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^?#\s'\"]*)@")
+# Config fields whose value is a secret as a whole (an API key): never echoed.
+SECRET_FIELD = re.compile(r"(pass(word|wd)?|secret|token|api[_-]?key|access[_-]?key|credential)", re.IGNORECASE)
 # a query (or fragment, or ;-separated) parameter with a secret-looking name
 _SECRET_NAMES = (
     r"(?:[A-Za-z0-9_\-]*(?:pass(?:word|wd)?|pwd|secret|token|api[_\-]?key|access[_\-]?key|private[_\-]?key"

@@ -148,6 +148,10 @@ class Task:
     # metric name (no prefix) -> higher is better
     metric_directions: ClassVar[dict[str, bool]]
     primary: ClassVar[str]
+    # the additive sums :meth:`metric_sums` returns (a fixed list: ranks all-reduce them in order)
+    sum_keys: ClassVar[tuple[str, ...]]
+    # metrics that need every row at once (not from sums): holdout only, never per epoch
+    ranked: ClassVar[frozenset[str]] = frozenset()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -203,6 +207,10 @@ class Task:
     def accumulator(self, ranked: bool = True) -> MetricAccumulator:
         return MetricAccumulator(self, ranked)
 
+    def additive_metrics(self) -> list[str]:
+        """The metrics computed from sums (what a distributed validation pass can report)."""
+        return [m for m in self.metric_directions if m not in self.ranked]
+
     def metric_sums(self, preds: Predictions, labels: np.ndarray) -> dict[str, float]:
         raise NotImplementedError
 
@@ -221,6 +229,7 @@ class _Classification(Task):
     classification = True
     metric_directions: ClassVar[dict[str, bool]] = {"accuracy": True, "log_loss": False}
     primary = "accuracy"
+    sum_keys = ("rows", "correct", "log_loss")
 
     def targets(self, labels: np.ndarray, head: Head) -> Any:
         import torch
@@ -245,7 +254,9 @@ class _Classification(Task):
         }
 
     def metrics_from_sums(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums.get("rows", 0.0), 1.0)
+        n = sums.get("rows", 0.0)
+        if not n:  # no rows: no metric (NaN), never a perfect score
+            return {"accuracy": float("nan"), "log_loss": float("nan")}
         return {"accuracy": sums.get("correct", 0.0) / n, "log_loss": sums.get("log_loss", 0.0) / n}
 
 
@@ -255,6 +266,7 @@ class BinaryTask(_Classification):
     name = "binary"
     max_classes = 2
     metric_directions: ClassVar[dict[str, bool]] = {**_Classification.metric_directions, "auc": True}
+    ranked = frozenset({"auc"})
 
     def loss(self) -> Any:
         from torch import nn
@@ -310,6 +322,7 @@ class RegressionTask(Task):
     classification = False
     metric_directions: ClassVar[dict[str, bool]] = {"rmse": False, "mae": False, "r2": True}
     primary = "rmse"
+    sum_keys = ("rows", "sq_err", "abs_err", "y", "y2")
 
     def target_scale(self, labels: np.ndarray) -> tuple[float, float]:
         y = np.asarray(labels, dtype=np.float64)
@@ -350,7 +363,9 @@ class RegressionTask(Task):
         }
 
     def metrics_from_sums(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums.get("rows", 0.0), 1.0)
+        n = sums.get("rows", 0.0)
+        if not n:  # no rows: no metric (NaN), never a perfect score
+            return {"rmse": float("nan"), "mae": float("nan"), "r2": float("nan")}
         sse = sums.get("sq_err", 0.0)
         sst = sums.get("y2", 0.0) - sums.get("y", 0.0) ** 2 / n  # total sum of squares about the mean
         return {

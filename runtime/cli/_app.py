@@ -203,10 +203,13 @@ def models_verify(
 ) -> None:
     """Check every file of a model against the manifest recorded at registration (MLmodel and the
     code file MLflow runs on load included), without running any of it."""
+    import tempfile
+
     from runtime.registry import configure_mlflow, verify
 
     configure_mlflow()
-    verified = verify(model_uri)
+    with tempfile.TemporaryDirectory(prefix="skewless-verify-") as tmp:
+        verified = verify(model_uri, tmp)
     where = f"models:/{verified.ref.name}/{verified.ref.version}" if verified.ref else str(verified.root)
     for name in sorted(verified.files):
         console.print(f"  ok  {verified.files[name][:16]}  {name}")
@@ -270,11 +273,14 @@ def data_generate(
 
 def main(argv: list[str] | None = None) -> Any:
     from runtime.errors import SkewlessError
+    from runtime.redact import redact
 
     try:
         return app(args=argv, standalone_mode=True)
     except SkewlessError as exc:
         if os.environ.get("SKEWLESS_DEBUG") == "1":
             raise
-        err_console.print(f"[red]error:[/] {exc}")
+        from rich.markup import escape
+
+        err_console.print("[red]error:[/] " + escape(redact(str(exc))))  # the message as text, not markup
         sys.exit(2)

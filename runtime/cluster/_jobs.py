@@ -97,14 +97,24 @@ def stage_working_dir(root: Path, extra: Iterable[Path], target: Path) -> list[s
     chosen: set[Path] = {root / name for name in SHIPPED_FILES if (root / name).is_file()}
     for tree in SHIPPED_TREES:
         for path in (root / tree).rglob("*") if (root / tree).is_dir() else ():
-            if path.is_file() and path.suffix in SHIPPED_SUFFIXES and "__pycache__" not in path.parts:
+            if (
+                path.is_file()
+                and not path.is_symlink()  # a link may point anywhere (a credentials file): never followed
+                and path.suffix in SHIPPED_SUFFIXES
+                and "__pycache__" not in path.parts
+            ):
                 chosen.add(path)
     for path in extra:
         resolved = path.resolve()
         try:
-            resolved.relative_to(root)
+            rel = resolved.relative_to(root)
         except ValueError:
             raise ConfigError(f"{path} must live inside the project ({root}) so it ships with the job") from None
+        if is_secret(rel):
+            raise ConfigError(
+                f"{path} is referenced by the job config but its name looks like a secret ({rel.as_posix()}); "
+                "secrets are never shipped with a job: rename it, or set the secret on the cluster"
+            )
         chosen.add(resolved)
     shipped = []
     for path in sorted(chosen):

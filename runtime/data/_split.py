@@ -18,12 +18,34 @@ import pyarrow as pa
 
 from runtime.errors import DataError
 
+# Bumped whenever the hash of a row changes: every split changes with it.
+SPLIT_VERSION = 2
+
+
+def _canonical(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """One representation per value, whatever the column's type in this block: numbers and
+    booleans as float64 (nulls stay nulls), dictionaries decoded, text as UTF-8 strings.
+
+    A block's Arrow type can differ from another's for the same value (int64 here, float64 or
+    a dictionary there); hashing the value as typed would send one row to two splits.
+    """
+    t = column.type
+    if pa.types.is_dictionary(t):
+        column, t = column.cast(t.value_type), t.value_type
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t):
+        return column.cast(pa.float64())
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return column.cast(pa.string())
+    return column
+
 
 def split_unit(table: pa.Table, columns: list[str], seed: int) -> np.ndarray:
-    """A number in [0, 1) per row, a function of the row's values in ``columns`` and ``seed``.
+    """A number in [0, 1) per row, a function of the row's *values* in ``columns`` and ``seed``.
 
-    pandas' vectorized SipHash of each column, combined across columns (``hash_key`` is
-    derived from the seed); the top 53 bits become a float64.
+    Each column in a canonical form (:func:`_canonical`: an int 3 and a float 3.0 are the
+    same value, in any block), then pandas' vectorized SipHash of each column, combined across
+    columns (``hash_key`` is derived from the seed and :data:`SPLIT_VERSION`); the top 53 bits
+    become a float64.
     """
     import pandas as pd
 
@@ -32,8 +54,9 @@ def split_unit(table: pa.Table, columns: list[str], seed: int) -> np.ndarray:
         raise DataError(f"the dataset has no column(s) {missing}; it has {table.column_names}")
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.float64)
-    key = hashlib.sha256(f"skewless-split-{seed}".encode()).hexdigest()[:16]
-    frame = table.select(columns).to_pandas()
+    key = hashlib.sha256(f"skewless-split-v{SPLIT_VERSION}-{seed}".encode()).hexdigest()[:16]
+    canonical = pa.table([_canonical(table.column(c)) for c in columns], names=columns)
+    frame = canonical.to_pandas(types_mapper={pa.float64(): pd.Float64Dtype(), pa.string(): pd.StringDtype()}.get)
     hashed = pd.util.hash_pandas_object(frame, index=False, hash_key=key).to_numpy(dtype=np.uint64)
     return (hashed >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 

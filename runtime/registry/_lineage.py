@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
+from runtime.config import parse_yaml
 from runtime.errors import RegistryError
 from runtime.redact import redact
 
@@ -52,7 +53,8 @@ class Tag:
     VALIDATION_ROWS = "skewless.validation_rows"
     HOLDOUT_ROWS = "skewless.holdout_rows"  # the test split
     FIT_ROWS = "skewless.preprocessing_fit_rows"
-    INGEST = "skewless.ingest"  # memory | stream, and why
+    INGEST = "skewless.ingest"  # memory | stream
+    INGEST_REASON = "skewless.ingest_reason"  # why, in words
     PREPROCESSING_FINGERPRINT = "skewless.preprocessing_fingerprint"  # code + spec + state
     CODE_FINGERPRINT = "skewless.code_fingerprint"  # everything between a raw row and a prediction
     PREPROCESSING_CODE_FINGERPRINT = "skewless.preprocessing_code_fingerprint"
@@ -81,7 +83,12 @@ class Tag:
     PARENT_RUN = "mlflow.parentRunId"
 
     # Run tags that are not copied to the registered version (long or local-only).
-    RUN_ONLY = frozenset({DATASET_PATH, HOST_MEMORY_INCIDENTS})
+    RUN_ONLY = frozenset({DATASET_PATH, HOST_MEMORY_INCIDENTS, INGEST_REASON})
+
+    @classmethod
+    def for_version(cls, run_tags: dict[str, str]) -> dict[str, str]:
+        """The run's skewless tags a registered version carries."""
+        return {k: v for k, v in run_tags.items() if k.startswith("skewless.") and k not in cls.RUN_ONLY}
 
 
 @dataclass(frozen=True)
@@ -261,7 +268,6 @@ class Lineage:
 def model_lineage(model_uri: str) -> Lineage:
     """Everything recorded about the run that produced ``model_uri``."""
     import mlflow
-    import yaml
 
     from runtime.registry._registry import resolve
 
@@ -275,4 +281,5 @@ def model_lineage(model_uri: str) -> Lineage:
     except Exception as exc:  # MLflow raises several types for a missing artifact
         raise RegistryError(f"{model_uri}: run {ref.run_id} has no lineage/config.yaml ({exc})") from exc
     aliases = list(client.get_model_version(ref.name, ref.version).aliases or [])
-    return Lineage(ref, aliases, ref.run_id, dict(run.data.tags), dict(run.data.metrics), yaml.safe_load(text))
+    config = parse_yaml(text, f"run {ref.run_id}'s lineage/config.yaml")
+    return Lineage(ref, aliases, ref.run_id, dict(run.data.tags), dict(run.data.metrics), config)

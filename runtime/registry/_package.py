@@ -53,12 +53,22 @@ def sha256_file(path: Path) -> str:
 
 
 def inference_code_files(model_config: dict[str, Any]) -> list[Path]:
-    """The source files that run between a raw row and this model's prediction."""
+    """The source files that run between a raw row (an Arrow table) and this model's prediction:
+    the preprocessing package (for a model over features), the model's architecture and the
+    registry that builds it, the task's head and post-processing, and this module (the loaded
+    model's predict path). What turns a request body or a DataFrame into that Arrow table (the
+    Serve codec, the pyfunc) is not in it: the parity check holds those to the same answers."""
+    import runtime.models
     import runtime.preprocessing
     import runtime.tasks
 
     architecture = architecture_of(model_config)
-    files = [Path(runtime.tasks.__file__), *type(architecture).source_files()]
+    files = [
+        Path(__file__),
+        Path(runtime.tasks.__file__),
+        Path(runtime.models.__file__),
+        *type(architecture).source_files(),
+    ]
     if architecture.inputs == "features":  # a model over the shared preprocessing
         files += package_files(Path(runtime.preprocessing.__file__).parent)
     return files

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from runtime.errors import ArtifactIntegrityError, ModelNotFoundError, RegistryE
 from runtime.redact import redact
 from runtime.registry._lineage import Tag
 from runtime.registry._package import MANIFEST, LoadedModel, load_model_dir, sha256_file
-from runtime.registry._store import configure_mlflow
+from runtime.registry._store import configure_mlflow, skewless_home
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +182,13 @@ def _local(model_uri: str) -> Path:
     return Path(unquote(urlparse(model_uri).path)) if model_uri.startswith("file:") else Path(model_uri)
 
 
-def verify(model_uri: str, dst: str | Path | None = None) -> VerifiedModel:
-    """Download a registered model once and check every file against its artifact manifest.
+def verify(model_uri: str, dst: str | Path) -> VerifiedModel:
+    """Download a registered model once, into ``dst``, and check every file against its
+    artifact manifest.
 
-    A local packaged model directory is checked against its own ``manifest.json`` (every file
-    listed and matching). Raises :class:`ArtifactIntegrityError` naming the first file that
-    does not match, a file that is not listed, or a version that has no manifest.
+    A local packaged model directory is checked in place against its own ``manifest.json``
+    (every file listed and matching). Raises :class:`ArtifactIntegrityError` naming the first
+    file that does not match, a file that is not listed, or a version that has no manifest.
     """
     import mlflow
 
@@ -205,7 +207,7 @@ def verify(model_uri: str, dst: str | Path | None = None) -> VerifiedModel:
             f"{model_uri} (version {ref.version}) has no {MANIFEST_TAG} tag: it was not registered by skewless "
             "(or the tag was removed), so its files cannot be verified; refusing to load it"
         )
-    target = Path(dst or tempfile.mkdtemp(prefix="skewless-model-"))
+    target = Path(dst)
     try:
         text = mlflow.artifacts.load_text(f"runs:/{ref.run_id}/{ARTIFACT_MANIFEST}")
         source = mlflow.MlflowClient().get_model_version(ref.name, ref.version).source
@@ -241,18 +243,27 @@ def verify(model_uri: str, dst: str | Path | None = None) -> VerifiedModel:
 
 
 def download(model_uri: str) -> tuple[ModelRef | None, Path]:
-    """A registered model's packaged directory, verified (:func:`verify`); a local directory
+    """A registered model's packaged directory, verified (:func:`verify`), kept in
+    ``$SKEWLESS_HOME/models/<name>/<version>`` (fetched again each time); a local directory
     passes through (its own manifest is checked when it is loaded)."""
     if not model_uri.startswith(("models:/", "runs:/")):
         return None, _local(model_uri)
-    verified = verify(model_uri)
+    ref = resolve(model_uri)
+    target = skewless_home() / "models" / ref.name / ref.version
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    verified = verify(ref.uri, target)
     return verified.ref, verified.model_dir
 
 
 def load(model_uri: str, allow_fingerprint_mismatch: bool = False) -> tuple[ModelRef | None, LoadedModel]:
-    """Resolve, download, verify and load a model for prediction from raw rows."""
-    ref, path = download(model_uri)
-    return ref, load_model_dir(path, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+    """Resolve, download, verify and load a model for prediction from raw rows (the download
+    is removed once loaded: the model holds everything it needs)."""
+    if not model_uri.startswith(("models:/", "runs:/")):
+        return None, load_model_dir(_local(model_uri), allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+    with tempfile.TemporaryDirectory(prefix="skewless-model-") as tmp:
+        verified = verify(model_uri, tmp)
+        return verified.ref, load_model_dir(verified.model_dir, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
 
 
 def load_pyfunc(model_uri: str) -> Any:
@@ -260,4 +271,5 @@ def load_pyfunc(model_uri: str) -> Any:
     code file runs only once it matches what was registered)."""
     import mlflow
 
-    return mlflow.pyfunc.load_model(str(verify(model_uri).root))
+    with tempfile.TemporaryDirectory(prefix="skewless-model-") as tmp:
+        return mlflow.pyfunc.load_model(str(verify(model_uri, tmp).root))

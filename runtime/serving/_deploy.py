@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from runtime.config import ServeAppArgs, load_config
+from runtime.config import ServeAppArgs, load_config, read_yaml
 from runtime.errors import ConfigError, ServingError
 from runtime.redact import redact
 
@@ -105,10 +103,7 @@ def deploy_config(path: Path, address: str | None = None) -> tuple[str, list[str
     from runtime.connect import dashboard_address
 
     address = dashboard_address(address)
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read Serve config {str(path)!r}: {exc}") from exc
+    config = read_yaml(path, "Serve config")
     schema = validate_serve_config(config, str(path))
     try:
         ServeSubmissionClient(address).deploy_applications(schema.model_dump(exclude_unset=True))

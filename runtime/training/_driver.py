@@ -24,7 +24,7 @@ import yaml
 from runtime import registry
 from runtime.connect import check_placeable, connect, cpus_for
 from runtime.data import dataset_fingerprint
-from runtime.errors import ConfigError, SkewlessError, TrainingError
+from runtime.errors import ConfigError, TrainingError
 from runtime.preprocessing import FeatureSpec, FittedPreprocessor, fit
 from runtime.redact import redact, redact_obj
 from runtime.registry import LineageRecord, RunLogger, Tag
@@ -42,9 +42,10 @@ from runtime.training._ingest import (
     open_split,
     plan_ingest,
 )
+from runtime.training._launch import RunPlaces, fit_watched, worker_memory
 from runtime.training._objective import TabularObjective
-from runtime.training._worker import EarlyStop, StreamingData, WorkerConfig, WorkerMemory, train_loop_per_worker
-from runtime.training.callbacks import Callback, start_watchdogs, stop_watchdogs
+from runtime.training._worker import EarlyStop, StreamingData, WorkerConfig, train_loop_per_worker
+from runtime.training.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -191,7 +192,25 @@ def _early_stop(p: Prepared, objective: TabularObjective) -> EarlyStop | None:
     if e is None:
         return None
     metric = e.metric or objective.primary()
+    if metric not in objective.metric_names():
+        raise ConfigError(
+            f"training.early_stopping.metric = {metric!r}: a {p.task.name} job reports "
+            f"{', '.join(objective.metric_names())} every epoch"
+        )
     return EarlyStop(metric, objective.higher_is_better(metric), e.patience, e.min_delta)
+
+
+def final_validation(metrics: dict[str, Any]) -> dict[str, float]:
+    """The validation metrics of the weights a run packaged: early stopping's best epoch's
+    (``best_valid_*``) when it kept one, else the last epoch's (``valid_*``)."""
+    best = {k.removeprefix("best_"): v for k, v in metrics.items() if k.startswith("best_valid_")}
+    return best or {k: v for k, v in metrics.items() if k.startswith("valid_")}
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def train(
@@ -208,6 +227,7 @@ def train(
     ``callbacks`` join the worker loop's (pickled to the workers); ``run_callbacks`` are Ray
     Train ``RunConfig`` callbacks (Tune's report callback).
     """
+    import mlflow
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -216,6 +236,8 @@ def train(
 
     t0 = time.monotonic()
     cfg, t = p.cfg, p.cfg.training
+    objective = TabularObjective(p.task.name, f.head)
+    early = _early_stop(p, objective)  # a bad metric name fails here, before any Ray work
     plan = plan_ingest(
         cfg.data.ingest,
         f.train_rows,
@@ -228,23 +250,24 @@ def train(
     data: Any
     datasets: dict[str, Any] | None = None
     if plan.mode == "memory":
-        data = InMemoryData(
-            materialize(features_stage(splits["train"], f.prep), cfg.data.path),
-            materialize(features_stage(splits["validation"], f.prep), cfg.data.path),
-            f.train_rows,
-        )
+        train_refs, _ = materialize(features_stage(splits["train"], f.prep), cfg.data.path)
+        valid_refs, valid_rows = materialize(features_stage(splits["validation"], f.prep), cfg.data.path)
+        if valid_rows == 0:
+            raise ConfigError(
+                f"data.validation_fraction ({cfg.data.validation_fraction}): no validation rows in "
+                f"{redact(cfg.data.path)!r}; raise it or add data (early stopping and Tune read the validation split)"
+            )
+        mlflow.set_tag(Tag.VALIDATION_ROWS, str(valid_rows))
+        data = InMemoryData(train_refs, valid_refs)
     else:
         data = StreamingData(f.train_rows)
         datasets = {side: features_stage(splits[side], f.prep) for side in ("train", "validation")}
-    objective = TabularObjective(p.task.name, f.head)
-    run_name = t.run_name or f"{cfg.registry.model_name}-{run.run_id[:12]}"
-    storage = storage_path or str(registry.skewless_home() / "ray_results")
-    # The watchdog writes where it runs: the run's storage when it is a local path.
-    home_runs = registry.skewless_home() / "runs" / run.run_id
-    host_diag = (
-        f"{storage}/{run_name}/diagnostics/host-memory" if "://" not in storage else str(home_runs / "host-memory")
+    places = RunPlaces(
+        storage=storage_path or str(registry.skewless_home() / "ray_results"),
+        name=t.run_name or f"{cfg.registry.model_name}-{run.run_id[:12]}",
+        key=run.run_id,
+        run_id=run.run_id,
     )
-    memory = cfg.memory
     worker = WorkerConfig(
         objective=objective,
         data=data,
@@ -253,24 +276,16 @@ def train(
         seed=t.seed,
         epochs=t.epochs,
         batch_size=t.batch_size,
-        run_fingerprint=f.prep.fingerprint,
+        # a checkpoint of another run (other data, features or model) is refused on resume
+        run_fingerprint=_sha256(f.prep.fingerprint + json.dumps(f.model_config, sort_keys=True)),
         micro_batch_size=t.micro_batch_size,
         precision=t.precision,
         lr_schedule=t.lr_schedule,
         warmup_steps=t.warmup_steps,
         grad_clip=t.grad_clip,
         checkpoint_every_steps=t.checkpoint_every_steps,
-        early_stopping=_early_stop(p, objective),
-        memory=WorkerMemory(
-            track=memory.track,
-            sample_interval_s=memory.sample_interval_s,
-            oom_guard=memory.oom_guard,
-            record_history=memory.record_history,
-            diagnostics_dir=f"{storage}/{run_name}/diagnostics",
-            report_dir=str(home_runs / "memory"),
-            watchdog_run=run.run_id[:12] if memory.watchdog.enabled else None,
-            host_diagnostics_dir=host_diag,
-        ),
+        early_stopping=early,
+        memory=worker_memory(cfg.memory, places),
         run_logger=run.logger,
         checkpoint_files={"preprocessor.json": f.prep.to_json(), "model.json": json.dumps(f.model_config)},
         callbacks=tuple(callbacks or ()),
@@ -283,8 +298,8 @@ def train(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
         ),
         run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
+            name=places.name,
+            storage_path=places.storage,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=run_callbacks,
@@ -292,16 +307,18 @@ def train(
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest_options()),
     )
-    result = _fit_watched(trainer, cfg, run.run_id, host_diag, progress)
+    result = fit_watched(trainer, cfg.memory, places, progress)
     if result.checkpoint is None:
         raise TrainingError(f"training run {run.run_id} ended without a checkpoint")
     metrics = dict(result.metrics or {})
-    progress(f"trained in {time.monotonic() - t0:.1f}s; last epoch: {summary(metrics)}")
-    import mlflow
-
+    progress(
+        f"trained in {time.monotonic() - t0:.1f}s; the packaged model's validation: {summary(final_validation(metrics))}"
+    )
     # The driver records through its own MLflow client (the run is active here); run.logger
     # is the workers' (retrying, never raising) writer.
-    mlflow.set_tags({Tag.INGEST: plan.mode, **_early_stopping_tags(metrics, progress)})
+    mlflow.set_tags(
+        {Tag.INGEST: plan.mode, Tag.INGEST_REASON: plan.reason[:5000], **_early_stopping_tags(metrics, progress)}
+    )
     with result.checkpoint.as_directory() as d:
         weights = load_weights(Path(d), f.model_config)
     return Trained(weights, metrics, plan)
@@ -321,56 +338,6 @@ def _early_stopping_tags(metrics: dict[str, Any], progress: Progress) -> dict[st
         + f"kept the weights of epoch {int(best)}"
     )
     return tags
-
-
-def _fit_watched(trainer: Any, cfg: TrainJobConfig, run_id: str, host_diag: str, progress: Progress) -> Any:
-    """``trainer.fit()`` with one host-memory watchdog per node; a worker the kernel killed
-    for memory fails the run with what the watchdog saw."""
-    w = cfg.memory.watchdog
-    watchdogs = (
-        start_watchdogs(
-            run_id[:12],
-            host_diag,
-            soft_fraction=w.soft_fraction,
-            poll_interval_s=w.poll_interval_s,
-            memory_limit_bytes=w.memory_limit_bytes,
-            cgroup_name=f"skewless-{run_id[:12]}",
-        )
-        if w.enabled
-        else []
-    )
-    incidents: list[dict[str, Any]] = []
-    try:
-        result = trainer.fit()
-    except SkewlessError:
-        raise
-    except Exception as exc:
-        incidents = _stop_watchdogs(watchdogs, run_id, host_diag)
-        watchdogs = []
-        if incidents:
-            raise TrainingError(
-                f"training run {run_id} failed on host memory: "
-                + "; ".join(i["summary"] for i in incidents)
-                + f". Diagnostics (stack and allocation dumps, REPORT.md): {host_diag}. Ray reported: {exc}"
-            ) from exc
-        raise TrainingError(f"training run {run_id} failed: {redact(str(exc))}") from exc
-    finally:
-        incidents = incidents or _stop_watchdogs(watchdogs, run_id, host_diag)
-    if incidents:  # workers were replaced (max_failures) and the run went on: say so
-        progress("host memory incidents during the run: " + "; ".join(i["summary"] for i in incidents))
-    return result
-
-
-def _stop_watchdogs(watchdogs: list[Any], run_id: str, diagnostics_dir: str) -> list[dict[str, Any]]:
-    if not watchdogs:
-        return []
-    incidents = stop_watchdogs(watchdogs)
-    if incidents:
-        run = RunLogger(registry.tracking_uri(), run_id)
-        run.set_tags({Tag.HOST_MEMORY_INCIDENTS: "; ".join(i["summary"] for i in incidents)[:5000]})
-        if Path(diagnostics_dir).is_dir():
-            run.log_artifacts(diagnostics_dir, "diagnostics/host-memory")
-    return incidents
 
 
 # ---------------------------------------------------------------------- package, evaluate

@@ -192,10 +192,11 @@ def driver_batches(ds: ray.data.Dataset, uri: str) -> Iterator[pa.Table]:
         cause = exc.__cause__ if isinstance(exc.__cause__, SkewlessError) else None
         if cause is not None:
             raise cause from exc
-        raise DataError(f"dataset {redact(uri)!r}: reading it failed: {redact(_first_line(exc))}") from exc
+        raise DataError(f"dataset {redact(uri)!r}: reading it failed: {redact(_last_line(exc))}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
+    """The last line of a Ray error: where it puts the cause's own message."""
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
 
@@ -261,17 +262,18 @@ class InMemoryData:
 
     train: tuple[Any, ...]
     validation: tuple[Any, ...]
-    rows: int
 
 
-def materialize(ds: ray.data.Dataset, uri: str) -> tuple[Any, ...]:
-    """Run ``ds`` once; its blocks, as refs to dicts of numpy arrays, stay in the object store."""
+def materialize(ds: ray.data.Dataset, uri: str) -> tuple[tuple[Any, ...], int]:
+    """Run ``ds`` once; its blocks, as refs to dicts of numpy arrays, stay in the object store.
+    Returns the refs and the row count."""
     try:
-        return tuple(ds.materialize().to_numpy_refs())
+        done = ds.materialize()
+        return tuple(done.to_numpy_refs()), done.count()
     except SkewlessError:
         raise
     except Exception as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, SkewlessError) else None
         if cause is not None:
             raise cause from exc
-        raise DataError(f"dataset {redact(uri)!r}: preprocessing it failed: {redact(_first_line(exc))}") from exc
+        raise DataError(f"dataset {redact(uri)!r}: preprocessing it failed: {redact(_last_line(exc))}") from exc

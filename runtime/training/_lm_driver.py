@@ -26,15 +26,16 @@ from typing import Any
 from runtime import registry
 from runtime.connect import check_placeable, connect, cpus_for
 from runtime.data import generate_text, load_text_tokens
-from runtime.errors import DatasetNotFoundError, SkewlessError, TrainingError
+from runtime.errors import DatasetNotFoundError, TrainingError
 from runtime.models import build_model, flops_per_token, num_parameters
 from runtime.redact import redact
 from runtime.registry import LineageRecord, RunLogger, Tag
 from runtime.training._config import OptimizerConfig
+from runtime.training._launch import RunPlaces, fit_watched, worker_memory
 from runtime.training._lm import LMDataConfig, LMJobConfig, split_tokens
 from runtime.training._objective import LMObjective
-from runtime.training._worker import TokenData, WorkerConfig, WorkerMemory, train_loop_per_worker
-from runtime.training.callbacks import ThroughputMeter
+from runtime.training._worker import TokenData, WorkerConfig, train_loop_per_worker
+from runtime.training.callbacks import Callback, ThroughputMeter
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -115,8 +116,11 @@ def _tracked(cfg: LMJobConfig, record: LineageRecord, progress: Progress) -> Ite
         yield run.info.run_id
 
 
-def run_lm(cfg: LMJobConfig, progress: Progress = lambda msg: logger.info(msg)) -> LMOutcome:
-    """Train the byte-level language model on Ray Train, then package and register it."""
+def run_lm(
+    cfg: LMJobConfig, progress: Progress = lambda msg: logger.info(msg), callbacks: list[Callback] | None = None
+) -> LMOutcome:
+    """Train the byte-level language model on Ray Train, then package and register it.
+    ``callbacks`` join the worker loop's (pickled to the workers)."""
     import ray
     import torch
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -153,8 +157,7 @@ def run_lm(cfg: LMJobConfig, progress: Progress = lambda msg: logger.info(msg)) 
             f"{t.num_workers} worker(s) ({'GPU' if t.use_gpu else 'CPU'}), corpus {tokens.size:,} bytes"
         )
         name = f"lm-{(run_id or uuid.uuid4().hex)[:12]}"
-        home_runs = registry.skewless_home() / "runs" / (run_id or name)
-        storage = str(registry.skewless_home() / "ray_results")
+        places = RunPlaces(str(registry.skewless_home() / "ray_results"), name, run_id or name, run_id)
         fingerprint = hashlib.sha256(f"{data_sha}:{json.dumps(model_config, sort_keys=True)}".encode()).hexdigest()
         worker = WorkerConfig(
             objective=LMObjective(),
@@ -173,17 +176,11 @@ def run_lm(cfg: LMJobConfig, progress: Progress = lambda msg: logger.info(msg)) 
             grad_clip=t.grad_clip,
             compile=t.compile,
             evaluate_at_start=True,
-            memory=WorkerMemory(
-                track=cfg.memory.track,
-                sample_interval_s=cfg.memory.sample_interval_s,
-                oom_guard=cfg.memory.oom_guard,
-                record_history=cfg.memory.record_history,
-                diagnostics_dir=f"{storage}/{name}/diagnostics",
-                report_dir=str(home_runs / "memory"),
-            ),
+            memory=worker_memory(cfg.memory, places),
             run_logger=RunLogger(registry.tracking_uri(), run_id) if run_id else None,
             checkpoint_files={"model.json": json.dumps(model_config)},
-            callbacks=(ThroughputMeter(fpt, t.precision),),
+            checkpoint_each_epoch=False,  # an 86M-parameter model and its Adam state: once, at the end
+            callbacks=(ThroughputMeter(fpt, t.precision), *(callbacks or ())),
         )
         trainer = TorchTrainer(
             train_loop_per_worker,  # type: ignore[arg-type]  # V2 keeps rank 0's return value; the stubs say None
@@ -191,14 +188,11 @@ def run_lm(cfg: LMJobConfig, progress: Progress = lambda msg: logger.info(msg)) 
             scaling_config=ScalingConfig(
                 num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
             ),
-            run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1)),
+            run_config=RunConfig(
+                name=name, storage_path=places.storage, checkpoint_config=CheckpointConfig(num_to_keep=1)
+            ),
         )
-        try:
-            result = trainer.fit()
-        except SkewlessError:
-            raise
-        except Exception as exc:
-            raise TrainingError(f"language-model run {run_id or name} failed: {redact(str(exc))}") from exc
+        result = fit_watched(trainer, cfg.memory, places, progress)
         summary = getattr(result, "return_value", None)  # Ray Train V2's Result (the stubs name V1's)
         if not isinstance(summary, dict) or not summary.get("history"):
             raise TrainingError("the language-model run ended without a summary from rank 0")
@@ -213,7 +207,7 @@ def run_lm(cfg: LMJobConfig, progress: Progress = lambda msg: logger.info(msg)) 
             mlflow.set_tag(Tag.DEVICE, summary["device"])
             with result.checkpoint.as_directory() as d:
                 weights = load_weights(Path(d), model_config)
-            model_uri = _register(cfg, run_id, weights, model_config, home_runs / "model", progress)
+            model_uri = _register(cfg, run_id, weights, model_config, places.local / "model", progress)
 
     final = history[-1]
     outcome = LMOutcome(
@@ -252,12 +246,7 @@ def _register(
     name = cfg.registry.model_name
     if name is None:
         return None
-    tags = {
-        k: v
-        for k, v in mlflow.MlflowClient().get_run(run_id).data.tags.items()
-        if k.startswith("skewless.") and k not in Tag.RUN_ONLY
-    }
-    ref = registry.register(uri, name, tags=tags)
+    ref = registry.register(uri, name, tags=Tag.for_version(mlflow.MlflowClient().get_run(run_id).data.tags))
     registry.set_alias(name, registry.CANDIDATE, ref.version)
     progress(f"registered models:/{name}/{ref.version} (alias candidate)")
     return ref.uri

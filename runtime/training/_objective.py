@@ -42,8 +42,17 @@ class Objective:
         raise NotImplementedError
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        """``valid_*`` metrics from all ranks' summed :meth:`eval_sums`."""
+        """``valid_*`` metrics from all ranks' summed :meth:`eval_sums` (NaN when no rows)."""
         raise NotImplementedError
+
+    def eval_keys(self) -> tuple[str, ...]:
+        """The keys of :meth:`eval_sums`, always all of them, in this order: every rank
+        all-reduces the same vector, whatever rows it had (none, too)."""
+        raise NotImplementedError
+
+    def metric_names(self) -> list[str]:
+        """The ``valid_*`` metrics :meth:`eval_metrics` reports (early stopping and Tune pick one)."""
+        return ["valid_loss"]
 
     def primary(self) -> str:
         """The validation metric early stopping watches by default."""
@@ -86,9 +95,16 @@ class TabularObjective(Objective):
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         task = task_for(self.task)
-        metrics = {"loss": sums.get("loss", 0.0) / max(sums.get("rows", 0.0), 1.0)}
+        rows = sums.get("rows", 0.0)
+        metrics = {"loss": sums.get("loss", 0.0) / rows if rows else float("nan")}
         metrics.update(task.accumulator(ranked=False).result(sums))
         return {f"valid_{k}": v for k, v in metrics.items()}
+
+    def eval_keys(self) -> tuple[str, ...]:
+        return ("loss", *task_for(self.task).sum_keys)
+
+    def metric_names(self) -> list[str]:
+        return ["valid_loss", *(f"valid_{m}" for m in task_for(self.task).additive_metrics())]
 
     def primary(self) -> str:
         return task_for(self.task).primary_metric("valid_").name
@@ -129,4 +145,8 @@ class LMObjective(Objective):
         return {"loss": float(self.loss_sum(model, batch, device)), "tokens": float(self.count(batch))}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        return {"valid_loss": sums.get("loss", 0.0) / max(sums.get("tokens", 0.0), 1.0)}
+        tokens = sums.get("tokens", 0.0)
+        return {"valid_loss": sums.get("loss", 0.0) / tokens if tokens else float("nan")}
+
+    def eval_keys(self) -> tuple[str, ...]:
+        return ("loss", "tokens")

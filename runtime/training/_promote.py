@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from runtime import registry
-from runtime.errors import FingerprintMismatchError, SkewlessError
+from runtime.errors import ArtifactIntegrityError, FingerprintMismatchError, RegistryError, SkewlessError
 from runtime.registry import Tag
 from runtime.tasks import Metric, task_for
 from runtime.training._config import TrainJobConfig
@@ -49,7 +49,7 @@ def register_run(
 
     client = mlflow.MlflowClient()
     tags = client.get_run(run_id).data.tags
-    version_tags = {k: v for k, v in tags.items() if k.startswith("skewless.") and k not in Tag.RUN_ONLY}
+    version_tags = Tag.for_version(tags)
     name = cfg.registry.model_name
     ref = registry.register(tags[Tag.MODEL_URI], name, tags=version_tags)
     if move_aliases:
@@ -85,21 +85,23 @@ def _maybe_promote(
         try:
             _, incumbent_model = registry.load(champion.uri)
             old = evaluate(incumbent_model, holdout)[metric.name]
-        except FingerprintMismatchError as exc:
-            # Evaluating it here would run its fitted state through other inference code:
-            # compare with the metric recorded when it was trained instead, and say so.
+        except (FingerprintMismatchError, ArtifactIntegrityError, RegistryError) as exc:
+            # It cannot run here (other inference code, a model format from before, or files
+            # that fail verification): compare with the metric recorded when it was trained,
+            # and say why. A champion that cannot be verified must not block every successor.
+            why = _why_not_evaluated(exc)
+            if isinstance(exc, ArtifactIntegrityError):
+                progress(
+                    f"WARNING: champion v{champion.version} fails verification ({exc}); comparing with its recorded {metric.name}"
+                )
             recorded = _recorded_metric(champion, metric.name)
             if recorded is None:
                 return (
                     False,
-                    f"kept champion v{champion.version}: it cannot be evaluated here ({exc}) nor has a recorded "
+                    f"kept champion v{champion.version}: it cannot be evaluated here ({why}) nor has a recorded "
                     f"{metric.name}",
                 )
-            old, basis = (
-                recorded,
-                f"against its recorded {metric.name} (its {exc.what} {exc.expected[:12]} differs from "
-                f"{exc.actual[:12]})",
-            )
+            old, basis = recorded, f"against its recorded {metric.name}: {why}"
         except SkewlessError as exc:
             progress(f"cannot evaluate champion v{champion.version} on this holdout ({exc}); keeping it")
             return False, f"kept champion v{champion.version}: it could not be evaluated ({exc})"
@@ -110,6 +112,14 @@ def _maybe_promote(
         return False, decision.replace("champion:", "would be champion (promote: false):")
     registry.set_alias(name, registry.CHAMPION, ref.version)
     return True, decision
+
+
+def _why_not_evaluated(exc: Exception) -> str:
+    if isinstance(exc, FingerprintMismatchError):
+        return f"its {exc.what} {exc.expected[:12]} differs from {exc.actual[:12]}"
+    if isinstance(exc, ArtifactIntegrityError):
+        return f"its artifacts fail verification: {exc}"
+    return f"it cannot be loaded here: {exc}"
 
 
 def _recorded_metric(ref: Any, name: str) -> float | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from runtime import registry
 from runtime.config import validate
 from runtime.errors import ConfigError, TrainingError
-from runtime.redact import MASK
+from runtime.redact import MASK, redact
 from runtime.registry import Tag
 from runtime.training._config import TrainJobConfig
 from runtime.training._driver import Progress, evaluate_holdout, fit_preprocessing, package, prepare, tracked_run, train
@@ -60,7 +60,7 @@ def check_reproducible(tags: dict[str, str], data_path: str, data_format: str | 
     actual = dataset_fingerprint(data_path, data_format)  # type: ignore[arg-type]
     if recorded != actual:
         raise TrainingError(
-            f"cannot reproduce: the dataset at {data_path} has sha256 {actual[:16]}, the run recorded "
+            f"cannot reproduce: the dataset at {redact(data_path)} has sha256 {actual[:16]}, the run recorded "
             f"{(recorded or '?')[:16]}; restore the original data (the recorded sha256 identifies it)"
         )
 
@@ -86,6 +86,8 @@ def reproduce(model_uri: str, progress: Progress = print, data_path: str | None 
             f"the recorded dataset path {data.get('path')!r} carried credentials and was recorded redacted; "
             "pass the path with --data"
         )
+    if lineage.record.ingest in ("memory", "stream"):
+        data["ingest"] = lineage.record.ingest  # how the original was fed, whatever this cluster's size says
     config["data"] = data
     config["registry"] = {**config.get("registry", {}), "promote": False}
     config["training"] = {k: v for k, v in config.get("training", {}).items() if k != "run_name"}  # a fresh run

@@ -35,6 +35,10 @@ class Source:
     def steps_per_epoch(self) -> int:
         raise NotImplementedError
 
+    def total_steps(self, epochs: int) -> int:
+        """The run's optimizer steps (what a learning-rate schedule spans)."""
+        return self.steps_per_epoch() * epochs
+
     def batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
 
@@ -136,6 +140,9 @@ class TokenSource(Source):
 
     def steps_per_epoch(self) -> int:
         return self.interval
+
+    def total_steps(self, epochs: int) -> int:
+        return self.steps  # the last epoch may be shorter than the interval
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
         first = epoch * self.interval

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from runtime.config import StrictModel, load_config, read_yaml, resolve_path, validate
 from runtime.errors import ConfigError, TrainingError
 from runtime.registry import Tag
+from runtime.tasks import task_for
 from runtime.training._config import TrainJobConfig
 from runtime.training._driver import Progress
 from runtime.training._promote import TrainOutcome
@@ -99,6 +100,14 @@ def resolve_tune_config(path: Path) -> tuple[TuneJobConfig, dict[str, Any]]:
             "base.training.checkpoint_every_steps must be unset under Tune: every report must carry "
             f"{tune_cfg.metric!r} for ASHA to compare trials"
         )
+    label = base["features"].get("label") if isinstance(base["features"], dict) else None
+    if label and "task" in label:
+        task = task_for(label["task"])
+        reported = ["valid_loss", *(f"valid_{m}" for m in task.additive_metrics())]
+        if tune_cfg.metric not in reported:
+            raise ConfigError(
+                f"metric = {tune_cfg.metric!r}: a {task.name} job reports {', '.join(reported)} every epoch"
+            )
     for key, dist in tune_cfg.search_space.items():
         ((name, args),) = dist.items()
         for value in _probe_values(key, name, args):
@@ -153,7 +162,15 @@ def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str, met
     import mlflow
     from ray import tune
 
-    from runtime.training._driver import evaluate_holdout, fit_preprocessing, package, prepare, tracked_run, train
+    from runtime.training._driver import (
+        evaluate_holdout,
+        final_validation,
+        fit_preprocessing,
+        package,
+        prepare,
+        tracked_run,
+        train,
+    )
 
     cfg = _trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
@@ -164,18 +181,8 @@ def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str, met
         trained = train(p, f, run, print, run_callbacks=[_report_callback()])
         packaged = package(f, trained, run)
         evaluate_holdout(p, packaged, print)
-        mlflow.log_metric(FINAL + metric, _final_value(run.run_id, metric, trained.metrics))
-
-
-def _final_value(run_id: str, metric: str, last: dict[str, Any]) -> float:
-    """``metric`` at the epoch whose weights the trial packaged (early stopping's best, else the last)."""
-    import mlflow
-
-    best = last.get("early_stopping/best_epoch")
-    if best is None:
-        return float(last[metric])
-    history = mlflow.MlflowClient().get_metric_history(run_id, metric)
-    return float(next(m.value for m in history if m.step == int(best)))
+        # the validation metric of the weights it packaged (early stopping's best epoch's)
+        mlflow.log_metric(FINAL + metric, float(final_validation(trained.metrics)[metric]))
 
 
 def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
@@ -186,7 +193,6 @@ def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
 
     from runtime import registry
     from runtime.connect import connect, cpus_for
-    from runtime.tasks import task_for
     from runtime.training._evaluate import HoldoutStream
     from runtime.training._ingest import driver_batches, open_split
     from runtime.training._promote import register_run
@@ -239,7 +245,7 @@ def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
         selection = FINAL + tune_cfg.metric
         finished = [r for r in children if selection in r.data.metrics and Tag.MODEL_URI in r.data.tags]
         for run in children:
-            if run not in finished:  # stopped early by ASHA: its driver was killed mid-run
+            if run not in finished and run.info.status == "RUNNING":  # ASHA stopped it: its driver was killed
                 mlflow.MlflowClient().set_terminated(run.info.run_id, "KILLED")
         if not finished:
             raise TrainingError(f"tune run {parent.info.run_id}: no trial finished with a model")

@@ -10,7 +10,6 @@ minimizes, how validation is scored) and its data (where batches come from, see
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 import warnings
@@ -93,6 +92,7 @@ class WorkerConfig:
     grad_clip: float = 0.0
     compile: bool = False
     checkpoint_every_steps: int | None = None
+    checkpoint_each_epoch: bool = True  # False: each epoch reports metrics, the last a checkpoint too
     evaluate_at_start: bool = False  # the LM reports the loss before the first step
     early_stopping: EarlyStop | None = None
     memory: WorkerMemory = WorkerMemory()
@@ -100,9 +100,6 @@ class WorkerConfig:
     checkpoint_files: dict[str, str] = field(default_factory=dict)  # e.g. preprocessor.json
     callbacks: tuple[Callback, ...] = ()  # added after the built-in ones
     version: int = VERSION
-
-    def replace(self, **changes: Any) -> WorkerConfig:
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -198,7 +195,7 @@ def evaluate(model: Any, source: Any, objective: Objective, device: Any, micro_b
                 for key, value in objective.eval_sums(model, micro, device).items():
                     sums[key] = sums.get(key, 0.0) + value
     model.train()
-    keys = sorted(sums) or ["loss"]
+    keys = objective.eval_keys()  # the same vector on every rank, whatever rows it had
     reduced = all_reduce_sum([sums.get(k, 0.0) for k in keys], device)
     return objective.eval_metrics(dict(zip(keys, reduced, strict=True)))
 
@@ -241,7 +238,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     optimizer = make_optimizer(
         base, opt.name, opt.lr, opt.weight_decay, opt.momentum, tuple(opt.betas), fused=device.type == "cuda"
     )
-    total_steps = source.steps_per_epoch() * config.epochs
+    total_steps = source.total_steps(config.epochs)
     scheduler = make_scheduler(optimizer, config.lr_schedule, total_steps, config.warmup_steps, config.min_lr_ratio)
     state = LoopState(
         rank=rank,
@@ -272,6 +269,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     history: list[dict[str, float]] = []
 
     def report(metrics: dict[str, float], epoch_done: bool, last: bool = False) -> None:
+        memory = state.extra.get("memory") or {}
+        reported = {**metrics, **{f"memory/{k}": v for k, v in memory.items()}, LAST_REPORT: float(last)}
+        if epoch_done and not last and not config.checkpoint_each_epoch:
+            ray.train.report(reported)  # metrics only: this job checkpoints at the end
+            return
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 save_checkpoint(
@@ -290,14 +292,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 callbacks.on_checkpoint(state, Path(tmp))
             else:  # the other ranks add their RNG states; Ray Train merges the directories
                 save_rng_state(Path(tmp), rank)
-            memory = state.extra.get("memory") or {}
-            reported = {**metrics, **{f"memory/{k}": v for k, v in memory.items()}, LAST_REPORT: float(last)}
             ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     initial: dict[str, float] = {}
     try:
         if config.evaluate_at_start and state.step == 0:
-            first = evaluate(state.model, source, objective, device, state.micro_batch_size)
+            first = evaluate(base, source, objective, device, state.micro_batch_size)
             initial = {f"initial_{k}": v for k, v in first.items()}
         callbacks.on_run_start(state)
         state.model.train()
@@ -330,7 +330,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 "step": state.step,
                 "train_loss": loss_sum / max(counted, 1),
                 **(initial if not history else {}),
-                **evaluate(state.model, source, objective, device, state.micro_batch_size),
+                # the bare module: no DDP collective in a pass whose length differs by rank
+                **evaluate(base, source, objective, device, state.micro_batch_size),
             }
             callbacks.on_epoch_end(state)
             history.append(dict(state.metrics))

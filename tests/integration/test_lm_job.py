@@ -16,11 +16,32 @@ from runtime import registry
 from runtime.config import load_config
 from runtime.models import build_model
 from runtime.registry import Tag
-from runtime.training import LMJobConfig, LMOutcome, run_lm
+from runtime.training import Callback, LMJobConfig, LMOutcome, LoopState, run_lm
 from runtime.training.callbacks import PEAK_ENV
 
 pytestmark = pytest.mark.integration
 CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "lm_tiny.yaml"
+
+
+class OomAbove(Callback):
+    """The model raises a CUDA out-of-memory (the real class) when it trains on more than
+    ``rows`` sequences at once: the OOM guard has to halve the micro-batch to go on."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def on_run_start(self, state: LoopState) -> None:
+        import torch
+
+        inner = getattr(state.model, "module", state.model)
+        forward, limit = inner.forward, self.rows
+
+        def guarded(idx: torch.Tensor) -> torch.Tensor:
+            if inner.training and idx.shape[0] > limit:
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {idx.shape[0]} sequences > {limit})")
+            return forward(idx)
+
+        inner.forward = guarded
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +53,7 @@ def outcome(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> LMOut
     tiny["experiment"] = "itest-lm"
     tiny["registry"] = {"model_name": "itest-lm"}
     messages: list[str] = []
-    result = run_lm(load_config(LMJobConfig, tiny), progress=messages.append)
+    result = run_lm(load_config(LMJobConfig, tiny), progress=messages.append, callbacks=[OomAbove(4)])
     assert any(m.startswith("generating a 100,000-byte synthetic corpus") for m in messages)
     assert any(m.startswith("step 30, loss") for m in messages)
     return result
@@ -50,9 +71,14 @@ def test_loss_drops_and_throughput_is_measured(outcome: LMOutcome):
 
 
 def test_the_shared_loop_machinery_ran(outcome: LMOutcome):
-    """The memory tracker and the OOM guard's step ran in the LM job's workers, like in any job."""
+    """The memory tracker and the OOM guard ran in the LM job's workers, like in any job: an
+    out-of-memory at 8 sequences a micro-batch was survived at 4, with a diagnostics bundle."""
     assert outcome.run_id is not None
     client = mlflow.MlflowClient()
+    bundles = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "diagnostics")}
+    assert bundles == {"oom-rank0-step0-1"}, bundles  # 8 -> 4, once, then every step fits
+    report = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "diagnostics/oom-rank0-step0-1")}
+    assert "REPORT.md" in report
     tracked = client.get_metric_history(outcome.run_id, "mem/rank0/rss_mb")
     assert tracked and all(m.value > 0 for m in tracked)
     artifacts = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "memory")}
@@ -72,12 +98,12 @@ def test_metrics_and_params_land_in_mlflow(outcome: LMOutcome):
     assert run.data.metrics["valid_loss"] == pytest.approx(outcome.final_loss)
 
 
-def test_the_model_is_registered_with_lineage_and_generates(outcome: LMOutcome):
+def test_the_model_is_registered_with_lineage_and_generates(outcome: LMOutcome, tmp_path: Path):
     assert outcome.model_uri is not None
     ref = registry.resolve("models:/itest-lm@candidate")
     assert ref.uri == outcome.model_uri
     assert ref.tags[Tag.WORKLOAD] == "char_lm" and ref.tags[Tag.CODE_FINGERPRINT]
-    verified = registry.verify(outcome.model_uri)  # every file checked before anything loads it
+    verified = registry.verify(outcome.model_uri, tmp_path)  # every file checked before anything loads it
     assert "MLmodel" in verified.files
     _, model = registry.load(outcome.model_uri)
     assert model.preprocessor is None and model.config["architecture"] == "char_lm"

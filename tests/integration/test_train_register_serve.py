@@ -65,7 +65,7 @@ def trained(ray_session: Any, dataset: Path) -> TrainOutcome:
             (ray.data.Dataset, "to_arrow_refs"),
         ]:
             mp.setattr(target, name, _no_materializing)
-        mp.setattr("runtime.data._io.read_table", _no_materializing)
+        mp.setattr("runtime.data.read_table", _no_materializing)
         return run_training(cfg, progress=lambda m: None)
 
 
@@ -274,14 +274,16 @@ def test_other_tasks_train_register_and_predict(ray_session: Any, tmp_path: Path
         assert rmse < float(np.std(truth))  # better than predicting the mean
 
 
-def test_every_artifact_file_is_verified_before_anything_runs(trained: TrainOutcome, capsys: Any) -> None:
+def test_every_artifact_file_is_verified_before_anything_runs(
+    trained: TrainOutcome, capsys: Any, tmp_path: Path
+) -> None:
     """MLflow runs the logged code file on load: a tampered code file or MLmodel is refused
     before it can run, as is a registered version without the manifest tag."""
     from runtime.cli import main
     from runtime.errors import ArtifactIntegrityError
 
     uri = f"models:/{NAME}/{trained.version}"
-    verified = registry.verify(uri)
+    verified = registry.verify(uri, tmp_path / "a")
     assert {"MLmodel", "_pyfunc_model.py", "requirements.txt"} <= set(verified.files)
     assert any(name.endswith("weights.safetensors") for name in verified.files)
     with pytest.raises(SystemExit) as ok:
@@ -297,7 +299,7 @@ def test_every_artifact_file_is_verified_before_anything_runs(trained: TrainOutc
     try:
         code.write_text(original + "\nimport os  # injected\n")
         with pytest.raises(ArtifactIntegrityError, match="_pyfunc_model.py"):
-            registry.verify(uri)
+            registry.verify(uri, tmp_path / "b")
         with pytest.raises(ArtifactIntegrityError):
             registry.load_pyfunc(uri)  # MLflow never gets to run it
         with pytest.raises(SystemExit) as exit_info:

@@ -77,13 +77,22 @@ def test_early_stopping_on_real_data_keeps_the_best_epoch_and_matches_a_ridge(ra
     run = mlflow.MlflowClient().get_run(outcome.run_id)
     best, stopped = int(run.data.tags[Tag.BEST_EPOCH]), int(run.data.tags[Tag.STOPPED_EPOCH])
     assert stopped < 79 and best == stopped - 5  # stopped after 5 epochs without improvement
-    # the packaged model is the best epoch's: its validation RMSE is the best one logged
-    history = mlflow.MlflowClient().get_metric_history(outcome.run_id, "valid_rmse")
-    assert min(h.value for h in history) == next(h.value for h in history if h.step == best)
+    # the packaged model is the best epoch's, not the last one's: scored here on the validation
+    # rows, it gets the best epoch's RMSE (the workers' figure), not the stop epoch's
+    from runtime import registry
+
+    history = {h.step: h.value for h in mlflow.MlflowClient().get_metric_history(outcome.run_id, "valid_rmse")}
+    table = pq.read_table(diabetes)
+    u = split_unit(table, [*FEATURES, "progression"], seed=0)
+    validation = table.filter(pa.array((u >= 0.2) & (u < 0.3)))
+    packaged = registry.load_model_dir(outcome.model_dir)
+    errors = np.asarray(packaged.predict_table(validation).values) - validation["progression"].to_numpy()
+    rmse = float(np.sqrt(np.mean(errors**2)))
+    assert rmse == pytest.approx(history[best], rel=1e-5), (rmse, history)
+    assert abs(rmse - history[stopped]) > 1e-3 * rmse  # and so not the weights it stopped with
 
     # a ridge regression on the same training rows, scored on the same test rows
     table = pq.read_table(diabetes)
-    u = split_unit(table, [*FEATURES, "progression"], seed=0)
     frame = table.to_pandas()
     train_rows, test_rows = frame[u >= 0.3], frame[u < 0.2]
     ridge = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(train_rows[FEATURES], train_rows["progression"])

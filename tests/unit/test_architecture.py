@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -19,16 +20,24 @@ ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("runtime", "jobs", "serve_apps", "benchmarks")
 
 
+_DOTTED = re.compile(r"^runtime(\.\w+)+$")
+
+
 def _imports(path: Path) -> list[str]:
-    """Every module ``path`` imports, at module level or inside functions."""
+    """Every module ``path`` imports, at module level or inside functions, and every dotted
+    ``runtime.`` path it names in a string (``monkeypatch.setattr("runtime.x._y.f", ...)``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append(node.module)
             found.extend(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            raise AssertionError(f"{path}: relative import; name the module ({node.module})")
         elif isinstance(node, ast.Import):
             found.extend(a.name for a in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _DOTTED.match(node.value):
+            found.append(node.value)
     return found
 
 

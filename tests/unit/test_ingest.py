@@ -95,3 +95,21 @@ def test_streamed_evaluation_equals_whole_table(tmp_path: Path, table: pa.Table)
     assert whole.keys() == streamed.keys() == {"holdout_accuracy", "holdout_log_loss", "holdout_auc"}
     for k in whole:
         assert streamed[k] == pytest.approx(whole[k], rel=1e-9)
+
+
+def test_split_is_the_same_whatever_the_types_a_block_gives_a_value() -> None:
+    """A block with a null in an int column reads as float, a dictionary-encoded one as a
+    dictionary: the same row must land on the same side, with the same order key."""
+    from runtime.data import ORDER_KEY, split_side
+
+    rows = {"x": [3, 4, None, 7], "c": ["a", "b", "a", None], "y": [1, 0, 1, 1]}
+    whole = pa.table(rows)
+    cut = [pa.table({k: v[:2] for k, v in rows.items()}), pa.table({k: v[2:] for k, v in rows.items()})]
+    recoded = pa.table({"x": pa.array([3.0, 4.0]), "c": pa.array(["a", "b"]).dictionary_encode(), "y": [1, 0]})
+    u_whole = split_unit(whole, ["x", "c", "y"], 0)
+    assert np.array_equal(np.concatenate([split_unit(t, ["x", "c", "y"], 0) for t in cut]), u_whole)
+    assert np.array_equal(split_unit(recoded, ["x", "c", "y"], 0), u_whole[:2])
+    side = split_side(whole, ["x", "c", "y"], 0.5, 0.0, seed=0, side="train", order_key=True)
+    parts = [split_side(t, ["x", "c", "y"], 0.5, 0.0, seed=0, side="train", order_key=True) for t in cut]
+    keys = np.concatenate([t[ORDER_KEY].to_numpy() for t in parts])
+    assert sorted(keys) == sorted(side[ORDER_KEY].to_numpy())

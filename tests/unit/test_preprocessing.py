@@ -695,3 +695,39 @@ def test_the_pipeline_stage_is_the_same_transform_parsed_once(tmp_path: Path) ->
 
     again = pickle.loads(pickle.dumps(info.value))
     assert again.to_dict() == info.value.to_dict() and str(again) == str(info.value)
+
+
+FINGERPRINTED = '''"""Module doc."""
+import numpy as np  # numbers
+
+
+def scale(x, k=2):
+    """Scale x."""
+    label = f"{k!r:>4} of {f'{x}'}"
+    return np.asarray(x) * k, label
+'''
+# The normalized tokens' sha256 of FINGERPRINTED: a model trained on one Python must load on
+# another (CI runs 3.11, the GPU machine 3.12), so this may never change with the version.
+FINGERPRINTED_SHA256 = "1efdbba1b562406a11f85ae4f7b17f813b46d69567c1b8a84f626b8c5b56b411"
+
+
+def test_the_code_fingerprint_is_the_same_on_every_python_version() -> None:
+    import hashlib
+
+    from runtime.preprocessing._fingerprint import normalized_tokens
+
+    assert hashlib.sha256(normalized_tokens(FINGERPRINTED).encode()).hexdigest() == FINGERPRINTED_SHA256
+    # and on the other interpreters this machine has (pyenv's), the same module gives the same digest
+    module = Path(prep.__file__).parent / "_fingerprint.py"
+    probe = (
+        "import hashlib, importlib.util, sys; spec = importlib.util.spec_from_file_location('fp', sys.argv[1]); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(hashlib.sha256(m.normalized_tokens(sys.argv[2]).encode()).hexdigest())"
+    )
+    others = sorted(Path.home().glob(".pyenv/versions/3.1[0-9]*/bin/python3"))
+    for python in others:
+        out = subprocess.run([str(python), "-c", probe, str(module), FINGERPRINTED], capture_output=True, text=True)
+        assert out.stdout.strip() == FINGERPRINTED_SHA256, (python, out.stderr[-500:])
+    # a docstring removed or reworded, a comment added: the same code
+    edited = FINGERPRINTED.replace('    """Scale x."""\n', "").replace("# numbers", "# arrays")
+    assert hashlib.sha256(normalized_tokens(edited).encode()).hexdigest() == FINGERPRINTED_SHA256

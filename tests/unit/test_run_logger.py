@@ -16,7 +16,10 @@ from runtime.registry import RunLogger
 
 
 class _Unavailable(http.server.BaseHTTPRequestHandler):
+    requests = 0
+
     def _fail(self) -> None:
+        type(self).requests += 1
         self.send_response(503)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -38,19 +41,30 @@ def down(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         server.shutdown()
 
 
-def test_a_5xx_tracking_server_is_retried_warned_about_once_and_never_raises(
+def test_a_5xx_tracking_server_costs_one_failed_call_and_never_raises(
     down: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    logger = RunLogger(down, "r" * 32, attempts=2, backoff_s=0.01)
+    _Unavailable.requests = 0
+    logger = RunLogger(down, "r" * 32, attempts=2, backoff_s=0.01, cooldown_s=60.0)
     with caplog.at_level(logging.WARNING, logger="runtime.registry._run_logger"):
         for step in range(3):
             assert logger.log_metrics({"valid_loss": 1.0 / (step + 1)}, step=step) is False
         assert logger.set_tags({"k": "v"}) is False
-    assert logger.failures == 4 and logger.pending == 3  # every value held for the next call
+    # the first call tried twice and opened the circuit; the others did not touch the store
+    assert _Unavailable.requests == 2 and logger.failures == 1
+    assert logger.pending == 3  # every value held for the next call that gets through
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 2  # once for metrics, once for tags: not once per call
-    assert all("training goes on" in w and "hunter2" not in w for w in warnings)
-    assert "hunter2" not in repr(logger)
+    assert len(warnings) == 1 and "training goes on, the next attempt in 60 s" in warnings[0]
+    assert "hunter2" not in warnings[0] and "hunter2" not in repr(logger)
+    # without the breaker every call is tried, and each kind of failure is warned about once
+    again = RunLogger(down, "r" * 32, attempts=1, backoff_s=0.0, cooldown_s=0.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runtime.registry._run_logger"):
+        for _ in range(3):
+            again.log_metrics({"x": 1.0}, hold=False)
+        again.set_tags({"k": "v"})
+    assert again.failures == 4 and again.pending == 0  # hold=False: dropped, not held
+    assert len(caplog.records) == 2  # metrics once, tags once
 
 
 def test_held_values_go_out_with_the_next_call_that_gets_through(tmp_path: Any) -> None:
@@ -59,15 +73,20 @@ def test_held_values_go_out_with_the_next_call_that_gets_through(tmp_path: Any) 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x")).info.run_id
-    logger = RunLogger(uri, run_id, attempts=1, backoff_s=0.0, max_pending=3)
+    logger = RunLogger(uri, run_id, attempts=1, backoff_s=0.0, max_pending=3, cooldown_s=0.0)
     logger._client = _Broken()  # the store fails for the first calls only
     for step in range(5):
         assert not logger.log_metrics({"m": float(step)}, step=step)
     assert logger.pending == 3  # bounded: the oldest went
     logger._client = None
     assert logger.log_metrics({"m": 5.0}, step=5)
-    # at most max_pending values in all: the oldest held ones made room for the newest
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "m")] == [(3, 3.0), (4, 4.0), (5, 5.0)]
+    # at most max_pending values held: the oldest made room for newer ones; then the new value
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "m")] == [
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, 5.0),
+    ]
 
 
 class _Broken:

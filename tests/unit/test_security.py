@@ -168,3 +168,44 @@ def test_diagnostics_go_to_a_private_per_user_directory(tmp_path: Path, monkeypa
     other = private_diagnostics_dir()
     assert not str(other).startswith(str(tmp_path / "attacker")) and other.name.startswith("skewless-diagnostics-")
     assert stat.S_IMODE(os.lstat(other).st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"postgresql://mlflow:p@{SECRET}@db:5432/mlflow",  # '@' in the password
+        f"postgresql://mlflow:p/{SECRET}@db:5432/mlflow",  # '/' in the password
+    ],
+)
+def test_the_whole_user_info_is_masked(uri: str) -> None:
+    assert redact(uri) == "postgresql://***@db:5432/mlflow"
+
+
+def test_config_errors_never_echo_a_secret() -> None:
+    from runtime.config import ServeAppArgs, load_config
+    from runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(ServeAppArgs, {"model_uri": f"https://u:{SECRET}@host/m"})
+    assert SECRET not in str(info.value) and "model_uri" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(ServeAppArgs, {"model_uri": "models:/m@champion", "api_key": 12})
+    assert "api_key" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(ServeAppArgs, {"model_uri": "models:/m@champion", "api_key": SECRET, "max_instances": 0})
+    assert SECRET not in str(info.value)
+
+
+def test_links_are_not_followed_and_a_referenced_secret_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    (root / "jobs").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("[project]\n")
+    creds = tmp_path / "creds.yaml"
+    creds.write_text(f"password: {SECRET}\n")
+    (root / "jobs" / "settings.yaml").symlink_to(creds)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    assert stage_working_dir(root, [], staged) == ["pyproject.toml"]
+    (root / "jobs" / ".env").write_text("X=1\n")
+    with pytest.raises(Exception, match="looks like a secret"):
+        stage_working_dir(root, [root / "jobs" / ".env"], tmp_path / "staged2")

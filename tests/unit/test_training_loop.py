@@ -274,7 +274,7 @@ def test_in_memory_source_is_independent_of_the_block_layout(monkeypatch: pytest
     monkeypatch.setattr(ray, "get", lambda refs: refs)  # the blocks as plain values, not refs
 
     def seen(parts: list[dict[str, np.ndarray]], rank: int) -> list[np.ndarray]:
-        source = InMemorySource(InMemoryData(tuple(parts), tuple(parts[:1]), n), rank, 2, 64, seed=3)
+        source = InMemorySource(InMemoryData(tuple(parts), tuple(parts[:1])), rank, 2, 64, seed=3)
         return [b["x"] for e in range(2) for b in source.batches(e)]
 
     for rank in (0, 1):
@@ -285,3 +285,38 @@ def test_in_memory_source_is_independent_of_the_block_layout(monkeypatch: pytest
     first, second = seen(blocks([500], [0, 1]), 0), seen(blocks([500], [0, 1]), 1)
     assert not np.array_equal(first[0], second[0])  # the ranks see different rows
     assert not np.array_equal(first[0], first[8])  # and a new order every epoch
+
+
+def test_in_memory_source_resumes_mid_epoch_and_splits_unevenly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed epoch skips exactly the steps already taken; every rank gets the same number of
+    training rows (the remainder is dropped, as Ray's equal split does); validation rows are
+    shared out unevenly, none lost, and a rank may have none."""
+    import ray
+
+    from runtime.data import ORDER_KEY
+    from runtime.training._ingest import InMemoryData
+    from runtime.training._sources import InMemorySource
+
+    monkeypatch.setattr(ray, "get", lambda refs: refs)
+    rng = np.random.default_rng(1)
+
+    def block(n: int) -> dict[str, np.ndarray]:
+        return {"x": rng.normal(size=(n, 2)).astype(np.float32), "y": rng.integers(0, 2, n), ORDER_KEY: rng.random(n)}
+
+    train, valid = (block(103),), (block(2),)
+    sources = [InMemorySource(InMemoryData(train, valid), rank, 3, 10, seed=0) for rank in range(3)]
+    assert [s.rows for s in sources] == [34, 34, 34] and sources[0].steps_per_epoch() == 4
+    full = [b["x"] for b in sources[1].batches(epoch=2)]
+    assert [len(x) for x in full] == [10, 10, 10, 4]
+    resumed = [b["x"] for b in sources[1].batches(epoch=2, skip=3)]
+    assert len(resumed) == 1 and np.array_equal(resumed[0], full[3])
+    seen = [sum(len(b["y"]) for b in s.eval_batches()) for s in sources]
+    assert seen == [1, 1, 0]  # 2 validation rows over 3 ranks: none lost, one rank without
+
+
+def test_an_empty_validation_is_nan_not_perfect() -> None:
+    objective = TabularObjective("regression", Head(None, (0.0, 1.0)))
+    metrics = objective.eval_metrics(dict.fromkeys(objective.eval_keys(), 0.0))
+    assert all(np.isnan(v) for v in metrics.values()) and "valid_rmse" in metrics
+    assert objective.metric_names() == ["valid_loss", "valid_rmse", "valid_mae", "valid_r2"]
+    assert "valid_auc" not in BINARY.metric_names()  # AUC needs every row at once: holdout only

@@ -3,8 +3,10 @@
 Every rank sees the same all-reduced validation metrics, so every rank decides the same way
 at the same epoch. The best weights are kept in memory (a CPU copy) and in each checkpoint
 (``best_weights.safetensors`` + ``early_stopping.json``), so a restarted worker group resumes
-the same decision. At the last epoch, stopped or not, the best epoch's weights go back into
-the model, so the final checkpoint (and the packaged model) is the best epoch's.
+the same decision (a group restarted after the stop stops again). At the last epoch,
+stopped or not, the best epoch's weights go back into the model, so the final checkpoint
+(and the packaged model) is the best epoch's; its validation metrics are reported as
+``best_valid_*`` beside the last epoch's ``valid_*``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class EarlyStopping(Callback):
         self.best_epoch: int | None = None
         self.bad_epochs = 0
         self.stopped_epoch: int | None = None
+        self.best_metrics: dict[str, float] = {}  # the best epoch's validation metrics
         self._weights: dict[str, Any] | None = None
 
     def _improved(self, value: float) -> bool:
@@ -52,6 +55,7 @@ class EarlyStopping(Callback):
         value = float(state.metrics[self.metric])
         if self._improved(value):
             self.best, self.best_epoch, self.bad_epochs = value, state.epoch, 0
+            self.best_metrics = {k: float(v) for k, v in state.metrics.items() if k.startswith("valid_")}
             self._weights = {k: v.detach().cpu().clone() for k, v in _module(state).state_dict().items()}
         else:
             self.bad_epochs += 1
@@ -69,6 +73,8 @@ class EarlyStopping(Callback):
             )
         if (state.stop_requested or last) and self._weights is not None and self.best_epoch != state.epoch:
             _module(state).load_state_dict(self._weights)  # the final checkpoint holds the best epoch
+        if state.stop_requested or last:
+            state.metrics.update({f"best_{k}": v for k, v in self.best_metrics.items()})
         state.metrics["early_stopping/best_epoch"] = float(self.best_epoch if self.best_epoch is not None else -1)
         state.metrics[f"early_stopping/best_{self.metric}"] = float("nan") if self.best is None else self.best
         if self.stopped_epoch is not None:
@@ -80,7 +86,15 @@ class EarlyStopping(Callback):
         if self._weights is not None:
             save_file({k: v.contiguous() for k, v in self._weights.items()}, str(directory / BEST_WEIGHTS))
         (directory / STATE_FILE).write_text(
-            json.dumps({"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs})
+            json.dumps(
+                {
+                    "best": self.best,
+                    "best_epoch": self.best_epoch,
+                    "bad_epochs": self.bad_epochs,
+                    "stopped_epoch": self.stopped_epoch,
+                    "best_metrics": self.best_metrics,
+                }
+            )
         )
 
     def on_resume(self, state: LoopState, directory: Path) -> None:
@@ -90,6 +104,9 @@ class EarlyStopping(Callback):
             return
         saved = json.loads((directory / STATE_FILE).read_text())
         self.best, self.best_epoch, self.bad_epochs = saved["best"], saved["best_epoch"], saved["bad_epochs"]
+        self.stopped_epoch, self.best_metrics = saved.get("stopped_epoch"), saved.get("best_metrics", {})
+        if self.stopped_epoch is not None:
+            state.stop_requested = True  # the checkpoint was taken at the stop: the run is over
         if (directory / BEST_WEIGHTS).exists():
             self._weights = load_file(str(directory / BEST_WEIGHTS))
 

@@ -150,7 +150,8 @@ class MemoryTracker(Callback):
         if self.prometheus:
             self._safely("prometheus", lambda: set_gauges(self._rank, summary))
         if self.run_logger is not None:  # never raises: retries, then carries on
-            self.run_logger.log_metrics({f"mem/rank{self._rank}/{k}": v for k, v in summary.items()}, step)
+            # frequent samples: not worth holding through an outage (the timeline file has them)
+            self.run_logger.log_metrics({f"mem/rank{self._rank}/{k}": v for k, v in summary.items()}, step, hold=False)
 
     def _safely(self, what: str, action: Any) -> None:
         """Publishing must not end a training run: warn once per target, keep going."""
