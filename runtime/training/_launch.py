@@ -3,6 +3,7 @@ host-memory watchdog per node while the run lasts, and a failure that says what 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,13 @@ from runtime.training._worker import WorkerMemory
 from runtime.training.callbacks import start_watchdogs, stop_watchdogs
 
 Progress = Callable[[str], None]
+
+# Ray Train V2 hands each report to its controller through a one-slot queue the controller
+# empties when it polls the workers, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default): a worker's next report waits for that poll, so every epoch of a small dataset cost
+# about 2 s whatever it computed. The driver propagates the variable to the controller; a
+# value the user set wins.
+CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ def worker_memory(memory: MemoryConfig, places: RunPlaces) -> WorkerMemory:
 def fit_watched(trainer: Any, memory: MemoryConfig, places: RunPlaces, progress: Progress) -> Any:
     """``trainer.fit()`` with one host-memory watchdog per node; a worker the kernel killed
     for memory fails the run with what the watchdog saw."""
+    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
     w = memory.watchdog
     diag = places.host_diagnostics
     watchdogs = (

@@ -58,18 +58,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     )
     assert started.returncode == 0, started.stdout + started.stderr
     address = f"http://127.0.0.1:{dash}"
+
     # Ready means a job can be submitted: the dashboard agent comes up after `ray start` returns.
-    wait_for_condition(
-        lambda: (
-            _run(
-                [str(BIN / "ray"), "job", "submit", "--address", address, "--", "python", "-c", "pass"], env, timeout=60
-            ).returncode
-            == 0
-        ),
-        timeout=180,
-        interval=2,
-        message="Ray Jobs API ready",
-    )
+    def submits() -> bool:
+        done = _run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "python", "-c", "pass"], env, 60)
+        if done.returncode != 0:  # the timeout's message then says why
+            raise RuntimeError(f"`ray job submit` exited {done.returncode}: {(done.stdout + done.stderr)[-1500:]}")
+        return True
+
+    wait_for_condition(submits, timeout=180, interval=2, message="Ray Jobs API ready")
     try:
         yield Cluster(address, env, home)
     finally:
