@@ -79,6 +79,21 @@ class ServeAppArgs(StrictModel):
     gpu_headroom_bytes: int | None = Field(
         default=None, ge=0, description="CUDA context headroom kept out of a fractional-GPU budget (default 600 MiB)."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where the model runs: auto = the GPU when the replica was given one (ray_actor_options.num_gpus), "
+        "else the CPU; cuda = refuse to start without a GPU.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Weights' precision for inference on a GPU (the CPU serves fp32)."
+    )
+    gpu_rows_per_call: int = Field(
+        default=16384,
+        ge=1,
+        le=1 << 20,
+        description="On a GPU, the most rows one model call runs (a larger batch runs in several): bounds the "
+        "activations a bulk request takes from the replica's budget. The replica warms up at this size.",
+    )
 
 
 def expand_path(value: str) -> str:

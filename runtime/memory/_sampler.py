@@ -8,8 +8,8 @@ Two sources, on purpose:
 * :func:`allocator_stats` reads PyTorch's caching-allocator counters (``torch.cuda.memory_stats``
   is a dict read, no sync): allocated vs reserved is what tells fragmentation from a real
   leak, and ``num_alloc_retries`` rising step after step is the allocator thrashing just
-  before an OOM (:class:`ThrashDetector`). The training loop's memory tracker
-  (``runtime.training.callbacks``) reads it at each step end.
+  before an OOM (:class:`ThrashDetector`). The sampler reads it with the rest; the training
+  loop's memory tracker (``runtime.training.callbacks``) also reads it on each step it publishes.
 
 Records are flat dicts whose keys are ``rss``, ``cgroup_usage``, ``cgroup_limit`` and
 ``cuda<N>/<kind>`` (``cuda<N>`` is torch's ``cuda:N``); byte values, except the counters in
@@ -155,6 +155,7 @@ class MemorySampler:
         record.update(self._guard("host", lambda: host_stats(self._cgroup)) or {})
         for device in self.devices:
             record.update(self._guard(device.label, lambda d=device: _device_stats(d)) or {})
+        record.update(self._guard("allocator", allocator_stats) or {})  # a locked read: thread-safe
         self._records.append(record)
         self.latest = record
         if self.sink is not None:

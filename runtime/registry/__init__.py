@@ -12,6 +12,8 @@ from runtime.registry._lineage import (
 )
 from runtime.registry._package import (
     MANIFEST,
+    PRECISION_BYTES,
+    HostStaging,
     LoadedModel,
     inference_code_fingerprint,
     load_model_dir,
@@ -45,7 +47,9 @@ __all__ = [
     "CHAMPION",
     "MANIFEST",
     "MANIFEST_TAG",
+    "PRECISION_BYTES",
     "GitInfo",
+    "HostStaging",
     "Lineage",
     "LineageRecord",
     "LoadedModel",

@@ -36,6 +36,7 @@ from runtime.tasks import Head, Predictions, Task, task_for
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 WEIGHTS, MODEL_JSON, PREPROCESSOR_JSON, MANIFEST = (
     "weights.safetensors",
     "model.json",
@@ -129,8 +130,38 @@ def write_model_dir(
     return out
 
 
+class HostStaging:
+    """A reusable host buffer a batch goes through on its way to a GPU: page-locked
+    (``pin``), so the copy to the device is a DMA that does not block the host. It grows to
+    the largest batch seen and is reused after that (pinning is slow: once, not per batch)."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self.buffer: Any = None
+        self.allocations = 0
+
+    def to_device(self, features: np.ndarray, device: Any) -> Any:
+        """``features`` (float32, rows first) as a tensor on ``device``; the copy to a GPU is
+        asynchronous: keep the buffer untouched until the stream has consumed it."""
+        import torch
+
+        rows, shape = features.shape[0], features.shape[1:]
+        buffer = self.buffer
+        if buffer is None or buffer.shape[0] < rows or tuple(buffer.shape[1:]) != shape:
+            buffer = self.buffer = torch.empty((max(rows, 1), *shape), dtype=torch.float32, pin_memory=self.pin)
+            self.allocations += 1
+        host = buffer[:rows]
+        host.numpy()[...] = features  # the one host copy
+        return host.to(device, non_blocking=self.pin)
+
+
 class LoadedModel:
-    """A verified model (with its fitted preprocessing, when it has one), ready to predict."""
+    """A verified model (with its fitted preprocessing, when it has one), ready to predict.
+
+    It predicts on the CPU in float32 until :meth:`to` moves it: on a GPU, preprocessing stays
+    on the CPU (Arrow -> NumPy) and each batch is copied into a reusable pinned buffer, then to
+    the device without blocking; outputs come back as float32 NumPy.
+    """
 
     def __init__(
         self,
@@ -140,6 +171,8 @@ class LoadedModel:
         module: Any,
         manifest: dict[str, Any],
     ) -> None:
+        import threading
+
         self.directory = directory
         self.config = model_config
         self.preprocessor = preprocessor
@@ -148,14 +181,70 @@ class LoadedModel:
         self.task: Task | None = task_for(model_config["task"]) if model_config.get("task") else None
         self.head = Head.from_config(model_config)
         self.classes: list[Any] | None = model_config.get("classes")
+        self.precision = "fp32"
+        self.rows_per_call = 16384
+        self._device: Any = None  # None: the CPU
+        self._dtype: Any = None
+        self._staging = HostStaging(pin=False)
+        self._lock = threading.Lock()  # one forward at a time holds the pinned buffer
+
+    @property
+    def device(self) -> str:
+        """Where the parameters are, as torch names it (``cpu``, ``cuda:0``)."""
+        first = next(iter(self.module.parameters()), None)
+        return str(first.device) if first is not None else "cpu"
+
+    def parameter_bytes(self, precision: str | None = None) -> int:
+        """Parameters and buffers, in bytes at ``precision`` (default: as they are now)."""
+        size = PRECISION_BYTES.get(precision or "", 0)
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        return sum(t.numel() * (size if size and t.is_floating_point() else t.element_size()) for t in tensors)
+
+    def to(self, device: str, precision: str = "fp32", rows_per_call: int = 16384) -> LoadedModel:
+        """Move the weights to ``device`` (``cpu``, ``cuda``, ``cuda:N``) in ``precision``
+        (``fp32``, ``bf16``, ``fp16``; reduced precision only on a GPU). On a GPU a batch
+        runs in calls of at most ``rows_per_call`` rows, which bounds the device memory a
+        bulk request takes and the pinned buffer. Returns self."""
+        import torch
+
+        if rows_per_call < 1:
+            raise RegistryError(f"rows_per_call ({rows_per_call}) must be >= 1")
+
+        if precision not in PRECISION_BYTES:
+            raise RegistryError(f"precision {precision!r} is not one of {sorted(PRECISION_BYTES)}")
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        if target.type != "cuda" and precision != "fp32":
+            raise RegistryError(
+                f"precision {precision!r} needs a GPU (device is {device!r}); use precision fp32 on the CPU"
+            )
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        with self._lock:
+            self.module.to(device=target, dtype=dtype)
+            self._device = target if target.type == "cuda" else None
+            self._dtype = dtype
+            self.precision = precision
+            self.rows_per_call = rows_per_call
+            self._staging = HostStaging(pin=target.type == "cuda")
+        return self
 
     def _forward(self, features: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
-            out = self.module(torch.from_numpy(features))
-        result: np.ndarray = out.numpy()
-        return result
+        if self._device is None:
+            with torch.inference_mode():
+                out = self.module(torch.from_numpy(features))
+            result: np.ndarray = out.numpy()
+            return result
+        parts = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, max(features.shape[0], 1), self.rows_per_call):
+                x = self._staging.to_device(features[start : start + self.rows_per_call], self._device)
+                out = self.module(x if self._dtype == torch.float32 else x.to(self._dtype))
+                # .cpu() waits for the stream: the staging buffer is free again after it
+                parts.append(out.float().cpu().numpy())
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _tabular(self) -> tuple[Task, FittedPreprocessor]:
         if self.task is None or self.preprocessor is None:

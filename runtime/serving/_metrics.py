@@ -13,6 +13,9 @@ carries the labels ``model`` and ``version``:
 
 ============================================  =========  =========================================
 ``skewless_serve_model_info``                 gauge      1 while the replica serves this model
+``skewless_serve_device_memory_bytes``        gauge      + ``device``, ``kind``: a GPU replica's
+                                                         ``torch_allocated``, ``torch_reserved``,
+                                                         ``parameter``, ``total``, ``budget``
 ``skewless_serve_requests_total``             counter    + ``route``, ``status``
 ``skewless_serve_request_latency_seconds``    histogram  + ``route``; 0.5 ms .. 5 s
 ``skewless_serve_batch_rows``                 histogram  rows per model call; 1 .. 16384
@@ -112,6 +115,13 @@ METRICS = {
     m.name: m
     for m in (
         MetricDef("skewless_serve_model_info", "gauge", "1 while a replica serves this model version."),
+        MetricDef(
+            "skewless_serve_device_memory_bytes",
+            "gauge",
+            "A GPU replica's memory by kind (torch_allocated, torch_reserved, parameter, total, budget).",
+            "device",
+            "kind",
+        ),
         MetricDef("skewless_serve_requests", "counter", "Requests by route and HTTP status.", "route", "status"),
         MetricDef("skewless_serve_request_latency_seconds", "histogram", "Request latency in seconds.", "route"),
         MetricDef("skewless_serve_batch_rows", "histogram", "Rows per model call."),
@@ -457,6 +467,11 @@ class ServingMetrics:
             due = time.monotonic() - self._last_flush >= self._flush_interval_s
         if due:
             self.flush()
+
+    def set_device_memory(self, device: str, values: Mapping[str, float]) -> None:
+        """The replica's device memory, one gauge per kind (bytes)."""
+        for kind, value in values.items():
+            self._m["skewless_serve_device_memory_bytes"].add(float(value), (*self._base, device, kind))
 
     def flush(self) -> None:
         """Hand the accumulated row-level counts to the backend."""

@@ -19,8 +19,13 @@ config.
 
 The replica refuses to start when the installed preprocessing code's fingerprint differs
 from the one the model was trained with (``allow_fingerprint_mismatch`` overrides, loudly).
-With a fractional GPU (``ray_actor_options.num_gpus: 0.25``) it caps its allocator at that
-share of the device and reports its real usage against it.
+A replica given a GPU (``ray_actor_options.num_gpus``, whole or a fraction; ``device: auto``)
+serves on it, in ``precision`` fp32, bf16 or fp16: preprocessing stays on the CPU (Arrow ->
+NumPy), each batch goes to the device through a pinned buffer without blocking, and the replica
+warms up on the device (``gpu_rows_per_call`` rows) before it takes traffic. With a fraction
+(``num_gpus: 0.25``) it caps its allocator at that share of the device; weights that cannot fit
+the share stop the replica at start with the numbers. ``/healthz`` (``device``, ``gpu_budget``)
+and the ``skewless_serve_device_memory_bytes`` gauge show the device and its memory.
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ from runtime.serving._routes import ROUTES, UNKNOWN_ROUTE
 
 logger = logging.getLogger("ray.serve")
 INLINE_ROWS = 512
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.0f} MiB"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def _error_response(err: HttpError) -> Response:
@@ -72,25 +89,119 @@ class Predictor:
             "version": ref.version if ref else None,
             "uri": self.args.model_uri,
         }
+        self._place_model()
         load_s = time.perf_counter() - t0
-        # Fail at start-up, not on the first request, if the model cannot predict; the
-        # warm-up also pays the first-call costs (allocator, kernels) before traffic does.
+        # Fail at start-up, not on the first request, if the model cannot predict (or does not
+        # fit its GPU budget); the warm-up also pays the first-call costs (CUDA context,
+        # allocator, kernels, the pinned staging buffer) before traffic does.
         t1 = time.perf_counter()
         self._canary = self._canary_table()
-        for _ in range(3):
-            self.model.predict_table(self._canary)
+        self._warm_up()
         self.startup = {"load_s": round(load_s, 4), "warmup_s": round(time.perf_counter() - t1, 4)}
         self.metrics = self._metrics()
+        self._publish_device_memory()
         self._batched_predict.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
         self._batched_predict.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
         logger.info(
-            "loaded %s (version %s) in %.2fs, warm-up %.3fs%s",
+            "loaded %s (version %s) on %s (%s) in %.2fs, warm-up %.3fs%s",
             self.args.model_uri,
             self.identity["version"],
+            self.model.device,
+            self.model.precision,
             self.startup["load_s"],
             self.startup["warmup_s"],
             "; API key required" if self.auth.enabled else "",
         )
+
+    # ------------------------------------------------------------------ the device
+
+    def _place_model(self) -> None:
+        """Resolve ``device`` and ``precision``, check the weights fit the GPU budget, move them."""
+        import ray
+
+        assigned = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+        want, precision = self.args.device, self.args.precision
+        cuda = _cuda_available()
+        if want == "cuda" and not cuda:
+            raise ServingError(
+                f"device: cuda, but this replica sees no GPU (ray_actor_options.num_gpus {assigned:g}, "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); give the deployment "
+                "ray_actor_options.num_gpus (e.g. 0.25) on a cluster with GPUs, or set device: cpu"
+            )
+        device = "cuda" if want == "cuda" or (want == "auto" and assigned > 0 and cuda) else "cpu"
+        if device == "cpu" and precision != "fp32":
+            raise ServingError(
+                f"precision: {precision} needs a GPU, and this replica serves on the CPU (device: {want}, "
+                f"num_gpus {assigned:g}); use precision: fp32, or give the replica a GPU"
+            )
+        if device == "cpu":
+            return
+        if self.budget is not None:
+            need = self.model.parameter_bytes(precision)
+            have = self.budget.budget_bytes()
+            if need > have:
+                raise ServingError(
+                    f"{self.args.model_uri}: the weights need {_mib(need)} in {precision}, more than this replica's "
+                    f"GPU budget of {_mib(have)} ({self.budget.fraction:g} of {_mib(self.budget.total_bytes or 0)} "
+                    f"less {_mib(self.budget.headroom_bytes)} for the CUDA context): {_mib(need - have)} over. "
+                    "Raise ray_actor_options.num_gpus, use precision: bf16, or lower gpu_headroom_bytes"
+                )
+        try:
+            self.model.to(device, precision, rows_per_call=self.args.gpu_rows_per_call)
+        except Exception as exc:
+            raise self._over_budget(exc, "moving the weights") from exc
+
+    def _over_budget(self, exc: Exception, doing: str) -> Exception:
+        import torch
+
+        if not isinstance(exc, torch.cuda.OutOfMemoryError):
+            return exc
+        have = self.budget.budget_bytes() if self.budget is not None else torch.cuda.mem_get_info()[1]
+        used = torch.cuda.memory_reserved()
+        return ServingError(
+            f"{self.args.model_uri} does not fit this replica's GPU memory ({_mib(have)}"
+            + (f", {self.budget.fraction:g} of the GPU" if self.budget is not None else "")
+            + f"): out of memory while {doing} with {_mib(used)} reserved (weights {_mib(self.model.parameter_bytes())}); "
+            f"{str(exc).splitlines()[0]}. Raise ray_actor_options.num_gpus, use precision: bf16, or lower "
+            "gpu_rows_per_call"
+        )
+
+    def _warm_up(self) -> None:
+        """One-row calls; on a GPU then one of ``gpu_rows_per_call`` rows, the largest a model
+        call takes, so its memory is allocated (and checked against the budget) before traffic."""
+        sizes = [1, 1, 1]
+        if self.model.device.startswith("cuda"):
+            sizes.append(self.args.gpu_rows_per_call)
+        try:
+            for rows in sizes:
+                self.model.predict_table(self._canary.take([0] * rows) if rows > 1 else self._canary)
+        except Exception as exc:
+            raise self._over_budget(exc, f"warming up on {sizes[-1]} rows") from exc
+
+    def device_memory(self) -> dict[str, Any]:
+        """The device, its precision and memory as this replica uses it (no CUDA sync)."""
+        out: dict[str, Any] = {"device": self.model.device, "precision": self.model.precision}
+        if out["device"].startswith("cuda"):
+            import torch
+
+            index = torch.device(out["device"]).index or 0
+            out.update(
+                name=torch.cuda.get_device_name(index),
+                total_bytes=int(torch.cuda.get_device_properties(index).total_memory),
+                parameter_bytes=self.model.parameter_bytes(),
+                torch_allocated_bytes=int(torch.cuda.memory_allocated(index)),
+                torch_reserved_bytes=int(torch.cuda.memory_reserved(index)),
+            )
+        return out
+
+    def _publish_device_memory(self) -> None:
+        if self.metrics is None:
+            return
+        memory = self.device_memory()
+        values = {k.removesuffix("_bytes"): v for k, v in memory.items() if k.endswith("_bytes")}
+        if self.budget is not None:
+            values["budget"] = self.budget.budget_bytes()
+        self.metrics.set_device_memory(memory["device"], values)
 
     def _canary_table(self) -> pa.Table:
         schema = self.preprocessor.input_schema
@@ -124,6 +235,7 @@ class Predictor:
             raise RuntimeError(f"canary prediction returned {len(preds)} rows, expected 1")
         if self.metrics is not None:
             self.metrics.flush()
+            self._publish_device_memory()
 
     def health(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -131,6 +243,7 @@ class Predictor:
             "model": self.identity,
             "startup": self.startup,
             "replica": {"pid": os.getpid()},
+            "device": self.device_memory(),
         }
         if self.budget is not None:
             from runtime.memory import budget_usage

@@ -45,7 +45,7 @@ from runtime.training._lm_driver import LMOutcome, prepare_corpus, run_lm
 from runtime.training._objective import LMObjective, Objective, TabularObjective
 from runtime.training._promote import TrainOutcome, register_run
 from runtime.training._reproduce import Reproduction, reproduce
-from runtime.training._sources import sample_windows
+from runtime.training._sources import TokenSource, sample_windows
 from runtime.training._step import (
     accumulate,
     guarded_step,
@@ -82,6 +82,7 @@ __all__ = [
     "Reproduction",
     "ResumePoint",
     "TabularObjective",
+    "TokenSource",
     "TrackedRun",
     "TrainJobConfig",
     "TrainOutcome",

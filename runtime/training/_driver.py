@@ -42,7 +42,7 @@ from runtime.training._ingest import (
     open_split,
     plan_ingest,
 )
-from runtime.training._launch import RunPlaces, fit_watched, worker_memory
+from runtime.training._launch import RunPlaces, fit_watched, scaling, worker_memory
 from runtime.training._objective import TabularObjective
 from runtime.training._worker import EarlyStop, StreamingData, WorkerConfig, train_loop_per_worker
 from runtime.training.callbacks import Callback
@@ -229,7 +229,7 @@ def train(
     """
     import mlflow
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from runtime.training._checkpoint import load_weights
@@ -294,9 +294,7 @@ def train(
     trainer = TorchTrainer(
         train_loop_per_worker,  # type: ignore[arg-type]  # V2 keeps rank 0's return value; the stubs say None
         train_loop_config={"worker": worker},
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
-        ),
+        **scaling(t.num_workers, t.use_gpu, t.cpus_per_worker, t.gpus_per_worker),
         run_config=RunConfig(
             name=places.name,
             storage_path=places.storage,

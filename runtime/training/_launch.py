@@ -112,3 +112,19 @@ def _stop(watchdogs: list[Any], places: RunPlaces) -> list[dict[str, Any]]:
         if Path(places.host_diagnostics).is_dir():
             run.log_artifacts(places.host_diagnostics, "diagnostics/host-memory")
     return incidents
+
+
+def scaling(num_workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float = 1.0) -> dict[str, Any]:
+    """``scaling_config`` and ``torch_config`` for a ``TorchTrainer``: workers sharing a GPU
+    (``gpus_per_worker`` < 1) talk over gloo, since NCCL refuses two ranks on one device."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    resources: dict[str, float] = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    shared = use_gpu and gpus_per_worker < 1.0
+    return {
+        "scaling_config": ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        "torch_config": TorchConfig(backend="gloo" if shared else None),
+    }

@@ -65,6 +65,11 @@ class LMTrainingConfig(StrictModel):
         default="bf16", description="bf16 autocast on CUDA; a no-op on CPU, which trains in fp32."
     )
     compile: bool = Field(default=False, description="torch.compile the model (worth it on a GPU).")
+    tokens_on_device: bool = Field(
+        default=True,
+        description="On a GPU: keep the training tokens there and cut each step's windows there (the same windows "
+        "as on the host; no copy per step).",
+    )
     log_every: int = Field(default=10, ge=1, description="Evaluate, report and checkpoint every this many steps.")
     eval_batches: int = Field(default=4, ge=1, description="Held-out batches for the initial/final eval loss.")
 

@@ -161,7 +161,15 @@ def run_lm(
         fingerprint = hashlib.sha256(f"{data_sha}:{json.dumps(model_config, sort_keys=True)}".encode()).hexdigest()
         worker = WorkerConfig(
             objective=LMObjective(),
-            data=TokenData(tokens_ref, cfg.data.valid_fraction, m.seq_len, t.steps, t.log_every, t.eval_batches),
+            data=TokenData(
+                tokens_ref,
+                cfg.data.valid_fraction,
+                m.seq_len,
+                t.steps,
+                t.log_every,
+                t.eval_batches,
+                on_device=t.tokens_on_device,
+            ),
             model=model_config,
             optimizer=OptimizerConfig(name="adamw", lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95)),
             seed=t.seed,

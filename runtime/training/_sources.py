@@ -113,9 +113,14 @@ class StreamingSource(Source):
         yield from self.validation.iter_batches(batch_size=EVAL_ROWS, batch_format="numpy")
 
 
+def window_starts(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int) -> np.ndarray:
+    """Where :func:`sample_windows`'s windows start (the draws, without the cutting)."""
+    return rng.integers(0, len(tokens) - seq_len, size=batch_size)
+
+
 def sample_windows(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int) -> np.ndarray:
     """``batch_size`` random windows of ``seq_len + 1`` tokens (inputs and next-token targets)."""
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    starts = window_starts(tokens, rng, batch_size, seq_len)
     return np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[starts].astype(np.int64)
 
 
@@ -133,10 +138,18 @@ class TokenSource(Source):
         steps_per_epoch: int,
         eval_batches: int,
         seed: int,
+        device: Any = None,
     ) -> None:
         self.train_tokens, self.valid_tokens = train, valid
         self.rank, self.per_rank, self.seq_len, self.seed = rank, per_rank, seq_len, seed
         self.steps, self.interval, self.n_eval = steps, steps_per_epoch, eval_batches
+        self.device = device
+        self._on_device: Any = None
+        if device is not None:  # one copy of the training tokens on the device, as they are (bytes)
+            import torch
+
+            self._on_device = torch.from_numpy(np.ascontiguousarray(train)).to(device)
+            self._offsets = torch.arange(seq_len + 1, device=device)
 
     def steps_per_epoch(self) -> int:
         return self.interval
@@ -148,7 +161,16 @@ class TokenSource(Source):
         first = epoch * self.interval
         for step in range(first + skip, min(first + self.interval, self.steps)):
             rng = np.random.default_rng([self.seed, self.rank, step])
-            yield {TOKENS: sample_windows(self.train_tokens, rng, self.per_rank, self.seq_len)}
+            if self._on_device is None:
+                yield {TOKENS: sample_windows(self.train_tokens, rng, self.per_rank, self.seq_len)}
+            else:  # the same windows (the same draws), cut on the device: only the starts travel
+                yield {TOKENS: self._device_windows(window_starts(self.train_tokens, rng, self.per_rank, self.seq_len))}
+
+    def _device_windows(self, starts: np.ndarray) -> Any:
+        import torch
+
+        index = torch.from_numpy(starts).to(self.device, non_blocking=True)[:, None] + self._offsets
+        return self._on_device[index].long()
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         rng = np.random.default_rng([self.seed, 1 << 30, self.rank])  # the same windows every time

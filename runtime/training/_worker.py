@@ -55,7 +55,7 @@ class WorkerMemory:
     track: bool = True
     sample_interval_s: float = 1.0
     oom_guard: bool = True
-    record_history: bool = True
+    record_history: str = "after_first_oom"  # always | after_first_oom | never
     diagnostics_dir: str | None = None  # OOM bundles (a path or a pyarrow.fs URI)
     report_dir: str | None = None  # the memory timeline, plot and peaks
     watchdog_run: str | None = None  # the watchdog actors' run id; None: no watchdog
@@ -119,6 +119,7 @@ class TokenData:
     steps: int
     log_every: int
     eval_batches: int
+    on_device: bool = True  # on a GPU: the tokens there, windows cut there (no copy per step)
 
 
 def build_callbacks(config: WorkerConfig) -> list[Callback]:
@@ -157,7 +158,7 @@ def build_callbacks(config: WorkerConfig) -> list[Callback]:
     return callbacks
 
 
-def _source(config: WorkerConfig, rank: int, world: int, per_rank: int) -> Any:
+def _source(config: WorkerConfig, rank: int, world: int, per_rank: int, device: Any = None) -> Any:
     from runtime.training._ingest import InMemoryData
     from runtime.training._sources import InMemorySource, StreamingSource, TokenSource
 
@@ -173,8 +174,9 @@ def _source(config: WorkerConfig, rank: int, world: int, per_rank: int) -> Any:
 
         tokens = ray.get(data.tokens) if isinstance(data.tokens, ray.ObjectRef) else data.tokens
         train, valid = split_tokens(tokens, data.valid_fraction, data.seq_len)
+        on = device if data.on_device and getattr(device, "type", None) == "cuda" else None
         return TokenSource(
-            train, valid, rank, per_rank, data.seq_len, data.steps, data.log_every, data.eval_batches, config.seed
+            train, valid, rank, per_rank, data.seq_len, data.steps, data.log_every, data.eval_batches, config.seed, on
         )
     raise TypeError(f"unknown worker data {type(data).__name__}")
 
@@ -228,12 +230,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     np.random.seed(config.seed + rank)
     per_rank = max(1, config.batch_size // world)
-    source = _source(config, rank, world, per_rank)
+    device = ray.train.torch.get_device()
+    source = _source(config, rank, world, per_rank, device)
     objective = config.objective
 
     base = build_model(config.model)
     torch.manual_seed(config.seed * 1_000_003 + rank)  # then one stream per rank (dropout masks)
-    device = ray.train.torch.get_device()
     opt = config.optimizer
     optimizer = make_optimizer(
         base, opt.name, opt.lr, opt.weight_decay, opt.momentum, tuple(opt.betas), fused=device.type == "cuda"

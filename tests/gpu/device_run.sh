@@ -1,39 +1,46 @@
 #!/usr/bin/env bash
 # Every GPU check in one bounded run, for a lent GPU machine (Python 3.12 + torch, no network,
-# no Ray/pydantic/MLflow): the `gpu` tests, the memory-overhead benchmark on CUDA, and the
-# byte-level LM job (GPU config) through the shared worker loop. Logs go to $OUT (default
-# ./gpu-out). Prepare the wheels first, here, with network:
-#   ../shared/tools/gpu-wheels.sh safetensors pytest pytest-timeout iniconfig pluggy httpx httpcore \
-#     h11 anyio sniffio typer click shellingham rich markdown-it-py mdurl pygments pyyaml typing-extensions
-# then run this script on the device with .whl/ carried along.
+# no Ray/pydantic/MLflow of its own): the `gpu` tests (serving on the GPU, the real OOM, the
+# tabular job end to end), the OOM guard's cost, the LM job against a plain loop (eager and
+# compiled) and GPU serving against in-process prediction. Logs and JSON results go to $OUT
+# (default ./gpu-out). Prepare here, with the registry reachable (see tests/gpu/build_site.sh):
+#   ../shared/tools/gpu-wheels.sh <extras>  &&  tests/gpu/build_site.sh
+# then run this script on the device with .gpusite.tar.xz carried along.
+# Each section has its own time limit, so one that hangs cannot eat the others' time.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
-step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S), ${SECONDS}s)"; }
+ONLY="${ONLY:-tests,memory,lm,serve}"
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 step "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD"
-export SKEWLESS_HOME="$(mktemp -d)/home" RAY_USAGE_STATS_ENABLED=0
-python3 -c "import torch, ray, pydantic, safetensors, pyarrow; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| ray', ray.__version__, '| pydantic', pydantic.__version__, '| device', torch.cuda.get_device_name(0))"
+mkdir -p /tmp/site-root && tar -C /tmp/site-root -xJf .gpusite.tar.xz
+export PYTHONPATH="/tmp/site-root/site:$PWD"
+export SKEWLESS_HOME="$(mktemp -d)/home" RAY_USAGE_STATS_ENABLED=0 PYTHONDONTWRITEBYTECODE=1
+python3 -c "import torch, ray, pydantic, mlflow, safetensors, pyarrow; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| ray', ray.__version__, '| mlflow', mlflow.__version__, '| device', torch.cuda.get_device_name(0))"
 
-step "gpu tests"
-timeout 240 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu tests/unit/test_lm.py -v --timeout 200 \
-  --junitxml="$OUT/gpu-tests.xml" -o addopts="" 2>&1 | tail -60
+if want tests; then
+  step "gpu tests"
+  timeout 300 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu tests/unit/test_lm.py -v --timeout 240 \
+    --junitxml="$OUT/gpu-tests.xml" -o addopts="" -s 2>&1 | grep -v "^\s*$" | tail -80
+fi
 
-step "memory overhead on cuda (tracker + OOM guard vs neither)"
-timeout 90 python3 benchmarks/memory_overhead.py --device cuda --steps 400 --out "$OUT/memory_overhead_cuda.json" 2>&1 | tail -15
+if want memory; then
+  step "the OOM guard's and tracker's cost on cuda (defaults; and record_history: always)"
+  timeout 120 python3 benchmarks/memory_overhead.py --device cuda --steps 300 --out "$OUT/memory_overhead_cuda.json" 2>&1 | tail -8
+fi
 
-step "LM job, lm_gpu.yaml (86M parameters, bf16), no tracking"
-python3 - <<'EOF' > "$OUT/lm_gpu_run.yaml"
-import yaml
-cfg = yaml.safe_load(open("jobs/configs/lm_gpu.yaml"))
-cfg["experiment"] = None
-cfg["training"]["steps"] = 120
-cfg["training"]["log_every"] = 40
-print(yaml.safe_dump(cfg))
-EOF
-RAY_ADDRESS=local timeout 180 python3 -m jobs.lm --config "$OUT/lm_gpu_run.yaml" 2>&1 | grep -v "^\s*$" | tail -25
+if want lm; then
+  step "LM: Ray Train job vs plain PyTorch loop, eager and compiled (lm_gpu_large.yaml)"
+  timeout 330 python3 benchmarks/lm_overhead.py --config jobs/configs/lm_gpu_large.yaml --steps 40 --warmup 5 \
+    --out "$OUT/lm_overhead.json" 2>&1 | grep -v "^\s*$" | grep -v "^  \[ray\]" | tail -20
+fi
+
+if want serve; then
+  step "GPU serving: 1 x 1.0 and 4 x 0.25 replicas vs in-process predict_table"
+  timeout 200 python3 benchmarks/serve_gpu_bench.py --duration 4 --out "$OUT/serve_gpu.json" 2>&1 | grep -v "^\s*$" | tail -12
+fi
 step "done"

@@ -1,6 +1,7 @@
 """The OOM guard against a real CUDA out-of-memory (not injected): a very wide MLP under an
-allocator cap that fits a 256-row micro-batch but not 1024. The guard halves twice, writes a
-bundle with an allocator snapshot, and the step's result matches a run started at 256."""
+allocator cap that fits a 256-row micro-batch but not 512. The guard halves twice and stops
+at 256 (what the failed attempts held is freed before each retry), writes a bundle per
+halving, and the step's result matches a run started at 256."""
 
 from __future__ import annotations
 
@@ -64,10 +65,16 @@ def test_real_oom_is_survived_with_the_same_result(tmp_path: Path) -> None:
         callbacks.on_run_end(state)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-    assert state.micro_batch_size == 256
-    assert len(guard.bundles) == 2  # 1024 -> 512 -> 256
-    bundle = Path(guard.bundles[0])
-    assert (bundle / "memory_snapshot.pickle").stat().st_size > 0
-    assert "CUDA out of memory" in (bundle / "REPORT.md").read_text()
+    assert state.micro_batch_size == 256  # the largest that fits: not 128
+    assert len(guard.bundles) == 2  # one per halving: 1024 -> 512 -> 256
+    first, second = (Path(b) for b in guard.bundles)
+    assert (first / "memory_snapshot.pickle").stat().st_size > 0
+    report = (first / "REPORT.md").read_text()
+    assert "CUDA out of memory" in report
+    # the default arms allocator history at the first OOM: the first bundle lists consumers by
+    # role, the second by the source line that allocated them
+    assert "no allocator history" in report, report
+    second_report = (second / "REPORT.md").read_text()
+    assert "runtime/" in second_report.split("## The three largest consumers")[1].split("## Host")[0], second_report
     for got, ref in zip(state.model.parameters(), want, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # same micro-batches; GPU kernels may differ

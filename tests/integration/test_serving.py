@@ -124,6 +124,23 @@ def test_json_requests_are_batched_and_bulk_arrow_matches_offline(
 
     health = httpx.get(f"{endpoint}/healthz").json()
     assert health["startup"]["load_s"] > 0 and health["startup"]["warmup_s"] >= 0
+    assert health["device"] == {"device": "cpu", "precision": "fp32"}  # device: auto without a GPU
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"device": "cuda"}, "device: cuda, but this replica sees no GPU .ray_actor_options.num_gpus 0"),
+        ({"precision": "bf16"}, "precision: bf16 needs a GPU, and this replica serves on the CPU"),
+    ],
+)
+def test_a_replica_that_cannot_get_its_device_fails_at_start_saying_why(
+    serve_clean: int, models: tuple[Path, Path], args: dict[str, Any], message: str
+) -> None:
+    from runtime.errors import ServingError
+
+    with pytest.raises(ServingError, match=message):
+        run_app(build_predictor_app({"model_uri": str(models[0]), **args}), name="nodevice", route_prefix="/nodevice")
 
 
 def test_backpressure_answers_429_with_retry_after_never_hangs(

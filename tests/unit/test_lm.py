@@ -27,7 +27,7 @@ from runtime.training import (
     split_tokens,
     train_step,
 )
-from runtime.training.callbacks import PEAK_ENV, Throughput, _throughput, mfu, peak_flops
+from runtime.training.callbacks import PEAK_ENV, Throughput, ThroughputMeter, _throughput, mfu, peak_flops
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
@@ -293,6 +293,10 @@ def test_shipped_configs_validate(monkeypatch: pytest.MonkeyPatch):
     with torch.device("meta"):
         big = build_model(gpu.model.artifact_config(gpu.model.io))
     assert 80e6 < num_parameters(big) < 90e6
+    large = load_config(LMJobConfig, CONFIGS / "lm_gpu_large.yaml")
+    assert large.training.compile and large.training.tokens_on_device and large.training.use_gpu
+    with torch.device("meta"):
+        assert 330e6 < num_parameters(build_model(large.model.artifact_config(large.model.io))) < 350e6
 
 
 def test_config_errors_name_field_value_and_fix(monkeypatch: pytest.MonkeyPatch):
@@ -339,3 +343,40 @@ def test_bf16_steps_on_gpu_and_a_known_peak():
         fpt = flops_per_token(num_parameters(model, exclude_embeddings=True), 2, 128, 128)
         utilization = mfu(meter.tokens_per_s, fpt, peak_flops(name, "bf16"))
         assert utilization is not None and 0 < utilization < 1
+
+
+def test_the_meter_syncs_at_window_edges_not_every_step(monkeypatch: pytest.MonkeyPatch):
+    """A device sync per step would stop the host from queueing the next step while the GPU
+    runs this one: the meter reads the clock when an epoch starts and ends, and once where
+    the warm-up ends."""
+    ticks = iter(float(t) for t in range(100))
+    monkeypatch.setattr(_throughput.time, "perf_counter", lambda: next(ticks))
+    syncs: list[int] = []
+    meter = ThroughputMeter(flops_per_token=1.0, precision="fp32", warmup_steps=2)
+    meter.on_run_start(LoopState(rank=0, world_size=1, epochs=2, batch_size=1, micro_batch_size=1))
+    meter._sync = lambda: syncs.append(1)
+    state = LoopState(rank=0, world_size=1, epochs=2, batch_size=1, micro_batch_size=1)
+    for _epoch in range(2):
+        meter.on_epoch_start(state)
+        for _ in range(5):
+            state.last_count = 10
+            meter.on_step_end(state)
+        meter.on_epoch_end(state)
+    # clock reads: epoch 1 start (t=0), warm-up end (1 close, 2 reopen), epoch 1 end (3),
+    # epoch 2 start (4) and end (5): 6 syncs for 10 steps
+    assert len(syncs) == 6
+    # after the warm-up: 3 steps in 1 s (t 2..3) and 5 steps in 1 s (t 4..5): 80 tokens / 2 s
+    assert state.metrics["tokens_per_s"] == pytest.approx(40.0)
+
+
+def test_windows_cut_on_the_device_are_the_host_windows():
+    """The device path (here on the CPU device) draws the same starts and cuts the same windows."""
+    from runtime.training import TokenSource
+
+    tokens = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 50, dtype=np.uint8)
+    args = (tokens, tokens[:200], 1, 4, 32, 6, 3, 1, 7)
+    host, device = TokenSource(*args), TokenSource(*args, device=torch.device("cpu"))
+    for epoch in range(2):
+        for a, b in itertools.zip_longest(host.batches(epoch), device.batches(epoch, skip=0)):
+            assert isinstance(b["tokens"], torch.Tensor) and b["tokens"].dtype == torch.int64
+            assert np.array_equal(a["tokens"], b["tokens"].numpy())

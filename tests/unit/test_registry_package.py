@@ -62,3 +62,44 @@ def test_the_inference_code_covers_the_path_from_row_to_prediction(model_dir: Pa
     assert "preprocessing/_transform.py" in names and "models/_transformer.py" not in names
     lm = inference_code_files({"architecture": "char_lm", "input_dim": 256, "output_dim": 256})
     assert not any("preprocessing" in str(p) for p in lm)  # the LM takes bytes, not features
+
+
+# ------------------------------------------------------------------ the device a model runs on
+
+
+def test_a_loaded_model_names_its_device_and_refuses_reduced_precision_on_the_cpu(model_dir: Path) -> None:
+    from runtime.errors import RegistryError
+
+    model = load_model_dir(model_dir)
+    assert model.device == "cpu" and model.precision == "fp32"
+    fp32 = model.parameter_bytes()
+    assert fp32 == sum(p.numel() * 4 for p in model.module.parameters())
+    assert model.parameter_bytes("bf16") * 2 == fp32
+    with pytest.raises(RegistryError, match="precision 'bf16' needs a GPU .device is 'cpu'.; use precision fp32"):
+        model.to("cpu", "bf16")
+    with pytest.raises(RegistryError, match="precision 'int8' is not one of"):
+        model.to("cpu", "int8")
+    assert model.to("cpu").device == "cpu"
+
+
+def test_the_staged_path_reuses_one_buffer_and_runs_big_batches_in_calls(model_dir: Path) -> None:
+    """What a GPU replica runs (a reusable host buffer, calls of rows_per_call rows), on the
+    CPU with an unpinned buffer: the same predictions as the plain path, one buffer reused."""
+    import numpy as np
+
+    from runtime.registry import HostStaging
+
+    model = load_model_dir(model_dir)
+    rng = np.random.default_rng(0)
+    table = pa.table({"x": rng.normal(size=1000)})
+    want = model.predict_table(table).probabilities
+    model._device, model._dtype, model.rows_per_call = torch.device("cpu"), torch.float32, 300
+    model._staging = staging = HostStaging(pin=False)
+    calls: list[int] = []
+    module = model.module
+    model.module = lambda x: calls.append(x.shape[0]) or module(x)  # type: ignore[assignment]
+    got = model.predict_table(table).probabilities
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert calls == [300, 300, 300, 100] and staging.allocations == 1 and staging.buffer.shape[0] == 300
+    model.predict_table(table.slice(0, 50))
+    assert staging.allocations == 1  # smaller batches reuse it

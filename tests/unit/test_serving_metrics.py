@@ -67,6 +67,15 @@ def test_requests_and_latency_by_route_and_status() -> None:
     assert ("skewless_serve_requests_total", frozenset({**BASE, "route": "/predict", "status": "200"}.items())) in s
 
 
+def test_device_memory_is_a_gauge_per_kind() -> None:
+    m = simple()
+    m.set_device_memory("cuda:0", {"torch_reserved": 3 << 20, "budget": 20 << 30})
+    m.set_device_memory("cuda:0", {"torch_reserved": 5 << 20})
+    s = scrape(m)
+    assert value(s, "skewless_serve_device_memory_bytes", device="cuda:0", kind="torch_reserved") == 5 << 20
+    assert value(s, "skewless_serve_device_memory_bytes", device="cuda:0", kind="budget") == 20 << 30
+
+
 # --------------------------------------------------------------------------- per batch
 
 

@@ -117,6 +117,58 @@ def test_a_step_recomputed_after_an_oom_redraws_the_same_dropout_masks(batch_and
         assert torch.equal(a, b)
 
 
+def test_the_cache_is_emptied_after_the_failed_attempt_is_gone(batch_and_prep, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The failed micro-batch's activations live in the traceback's frames while the OOM is
+    handled. Emptying the allocator's cache then releases nothing of them: they come back to
+    the cache afterwards, fragmented, and the retry at a size that fits runs out again
+    (1024 -> 512 -> 256 -> 128 on an H200 where 256 fits). The loop releases memory once
+    they are dead, before each retry."""
+    import weakref
+
+    from runtime.training import _step
+
+    table, prep = batch_and_prep
+    batch = table.slice(0, 64)
+    held: list[weakref.ref[torch.Tensor]] = []
+    alive_in_on_oom: list[bool] = []
+    alive_at_release: list[bool] = []
+    release = _step.release_memory
+
+    def checked_release(state: LoopState) -> None:
+        alive_at_release.append(held[-1]() is not None)
+        release(state)
+
+    monkeypatch.setattr(_step, "release_memory", checked_release)
+
+    class HalveOnOom(Callback):
+        def on_oom(self, state: LoopState, error: BaseException) -> bool:
+            alive_in_on_oom.append(held[-1]() is not None)  # the bundle sees the failed attempt
+            state.micro_batch_size //= 2
+            return True
+
+    torch.manual_seed(0)
+    model = _model(prep)
+    forward = model.forward
+
+    def big_then_oom(x: torch.Tensor) -> torch.Tensor:
+        activation = torch.ones(1 << 20)  # what a real forward holds: 4 MiB
+        held.append(weakref.ref(activation))
+        if x.shape[0] > 16:
+            raise torch.cuda.OutOfMemoryError("injected with an activation held in this frame")
+        return forward(x)
+
+    model.forward = big_then_oom  # type: ignore[method-assign]
+    state = LoopState(
+        rank=0, world_size=1, epochs=1, batch_size=64, micro_batch_size=64, model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    )  # fmt: skip
+    guarded_step(state, features_and_labels(prep, batch), BINARY, CPU, "fp32", CallbackList([HalveOnOom()]),
+                 micro_batch_agreement(1))  # fmt: skip
+    assert state.micro_batch_size == 16
+    assert alive_in_on_oom == [True, True]  # 64 and 32 failed; the bundle was written with them alive
+    assert alive_at_release == [False, False]  # memory released once per retry, after they were gone
+
+
 def test_callbacks_fire_in_order_and_oom_is_claimed() -> None:
     seen: list[str] = []
 

@@ -9,12 +9,13 @@ from runtime.training.callbacks._base import Callback, CallbackList, Event, Loop
 from runtime.training.callbacks._dist import all_reduce_sum
 from runtime.training.callbacks._early_stopping import EarlyStopping
 from runtime.training.callbacks._metrics import MlflowMetrics
-from runtime.training.callbacks._oom import OomGuard, is_cuda_oom, write_bundle_files
+from runtime.training.callbacks._oom import HISTORY_MODES, OomGuard, is_cuda_oom, release_memory, write_bundle_files
 from runtime.training.callbacks._throughput import PEAK_ENV, Throughput, ThroughputMeter, mfu, peak_flops
 from runtime.training.callbacks._tracker import MemoryTracker
 from runtime.training.callbacks._watchdog import WatchdogActor, WatchdogClient, start_watchdogs, stop_watchdogs
 
 __all__ = [
+    "HISTORY_MODES",
     "PEAK_ENV",
     "Callback",
     "CallbackList",
@@ -32,6 +33,7 @@ __all__ = [
     "is_cuda_oom",
     "mfu",
     "peak_flops",
+    "release_memory",
     "start_watchdogs",
     "stop_watchdogs",
     "write_bundle_files",

@@ -24,7 +24,6 @@ How it plugs into the training loop (:func:`runtime.training.guarded_step`):
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gc
 import json
@@ -35,8 +34,9 @@ import shutil
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from runtime.errors import ConfigError
 from runtime.memory import ThrashDetector, all_thread_stacks, host_memory_report, nvml_report, private_diagnostics_dir
 from runtime.registry import RunLogger
 from runtime.training.callbacks._base import Callback, LoopState
@@ -44,6 +44,13 @@ from runtime.training.callbacks._base import Callback, LoopState
 logger = logging.getLogger(__name__)
 
 HISTORY_ENTRIES = 20_000
+UNATTRIBUTED = "unattributed"
+NO_HISTORY = (
+    "activations and other temporaries (allocated minus the above; this bundle has no allocator "
+    "history: `record_history: always` names their source lines)"
+)
+HistoryMode = Literal["always", "after_first_oom", "never"]
+HISTORY_MODES: tuple[HistoryMode, ...] = ("always", "after_first_oom", "never")
 MAX_BUNDLES_PER_RANK = 3
 _MB = 1 << 20
 
@@ -67,19 +74,28 @@ class OomGuard(Callback):
         self,
         diagnostics_dir: str,
         run_logger: RunLogger | None = None,
-        record_history: bool = True,
+        record_history: str | bool = "after_first_oom",
         thrash_window: int = 3,
         context: dict[str, Any] | None = None,
+        check_every_steps: int = 25,
     ) -> None:
+        if record_history is True or record_history is False:
+            record_history = "always" if record_history else "never"
+        if record_history not in HISTORY_MODES:
+            raise ConfigError(f"record_history ({record_history!r}) must be one of {', '.join(HISTORY_MODES)}")
+        if check_every_steps < 1:
+            raise ConfigError(f"check_every_steps ({check_every_steps}) must be >= 1")
         self.diagnostics_dir = diagnostics_dir
         self.run_logger = run_logger
         self.record_history = record_history
         self.thrash_window = thrash_window
+        self.check_every_steps = check_every_steps
         self.context = context or {}
         self.bundles: list[str] = []
         self._events = 0
         self._thrash: Any = None
         self._device: Any = None
+        self._recording = False
 
     # ------------------------------------------------------------------ events
 
@@ -89,36 +105,51 @@ class OomGuard(Callback):
         self._thrash = ThrashDetector(self.thrash_window)
         if torch.cuda.is_available():
             self._device = torch.cuda.current_device()
-            if self.record_history:
-                try:  # python stacks only: C++ stacks make a dump take minutes
-                    torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES, stacks="python")
-                except (RuntimeError, TypeError) as exc:
-                    logger.warning("allocator history not recorded: %s", exc)
+            if self.record_history == "always":
+                self._record(True)
+
+    def _record(self, on: bool) -> None:
+        """Allocator history on (python stacks: C++ ones make a dump take minutes) or off."""
+        import torch
+
+        try:
+            if on:
+                torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES, stacks="python")
+            else:
+                torch.cuda.memory._record_memory_history(enabled=None)
+            self._recording = on
+        except (RuntimeError, TypeError) as exc:
+            logger.warning("allocator history not %s: %s", "recorded" if on else "stopped", exc)
 
     def on_step_end(self, state: LoopState) -> None:
-        if self._device is None or self._thrash is None:
+        # Every check_every_steps steps: reading the counters is a dict build of ~100 entries
+        # (70-130 µs), which on a 2 ms step every step would cost 5%.
+        if self._device is None or self._thrash is None or state.step % self.check_every_steps:
             return
         import torch
 
         retries = int(torch.cuda.memory_stats(self._device).get("num_alloc_retries", 0))
         if self._thrash.update(retries) and state.micro_batch_size > 1:
             reason = (
-                f"allocator thrash: num_alloc_retries grew on each of the last {self.thrash_window} steps ({retries})"
+                f"allocator thrash: num_alloc_retries grew at each of the last {self.thrash_window} checks, "
+                f"{self.check_every_steps} steps apart ({retries})"
             )
             self._shrink(state, None, reason)
+            release_memory(state)  # no failed attempt holds anything: defragment the cache now
 
     def on_oom(self, state: LoopState, error: BaseException) -> bool:
+        """Write the bundle and halve the micro-batch; the loop frees the failed attempt's
+        memory once out of its ``except`` block (the traceback holds it until then)."""
         if not is_cuda_oom(error):
             return False
         self._shrink(state, error, "CUDA out of memory")
+        if self.record_history == "after_first_oom" and not self._recording and self._device is not None:
+            self._record(True)  # the next bundle says which line allocated what
         return True
 
     def on_run_end(self, state: LoopState) -> None:
-        if self._device is not None and self.record_history:
-            import torch
-
-            with contextlib.suppress(RuntimeError, TypeError):
-                torch.cuda.memory._record_memory_history(enabled=None)
+        if self._device is not None and self._recording:
+            self._record(False)
 
     # ------------------------------------------------------------------ recovery
 
@@ -136,7 +167,6 @@ class OomGuard(Callback):
         events.append({"step": state.step, "reason": reason, "micro_batch": [before, after], "bundle": bundle})
         if bundle:
             state.extra["oom_bundle"] = bundle
-        _free(state)
         logger.warning(
             "rank %d step %d: %s; micro-batch %d -> %s%s",
             state.rank,
@@ -227,6 +257,13 @@ def write_bundle_files(
                 pickle.dump(snapshot, f)
             files.append("memory_snapshot.pickle")
         consumers = consumers_from_snapshot(snapshot) if snapshot else []
+        if all(what.startswith(UNATTRIBUTED) for what, _ in consumers):
+            # no allocator history (the default arms it after the first OOM): by role instead
+            census = tensor_census(state)
+            rest = torch.cuda.memory_allocated() - sum(size for _, size in census)
+            if rest > 0:
+                census.append((NO_HISTORY, rest))
+            consumers = sorted(census, key=lambda kv: -kv[1])
     else:
         consumers = []
     if not consumers:
@@ -324,7 +361,7 @@ def consumers_from_snapshot(snapshot: dict[str, Any]) -> list[tuple[str, int]]:
                     for f in frames
                     if "/torch/" not in str(f.get("filename", "")) and f.get("filename")
                 ),
-                "unattributed (allocated before history recording started)",
+                f"{UNATTRIBUTED} (allocated before history recording started)",
             )
             by_site[site] = by_site.get(site, 0) + int(block.get("size", 0))
     return sorted(by_site.items(), key=lambda kv: -kv[1])
@@ -341,14 +378,15 @@ def _snapshot() -> dict[str, Any] | None:
         return None
 
 
-def _free(state: LoopState) -> None:
-    """Drop what the failed step held so the retry starts from the steady state."""
+def release_memory(state: LoopState) -> None:
+    """Drop what a failed attempt held: gradients, reference cycles, and the allocator's
+    cached segments (the fragments a retry at a smaller size would otherwise have to fit in)."""
     if state.optimizer is not None:
         state.optimizer.zero_grad(set_to_none=True)
     gc.collect()
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 

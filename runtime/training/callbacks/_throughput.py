@@ -131,6 +131,18 @@ class Throughput:
             self.tokens += tokens
             self.seconds += elapsed
 
+    def add_window(self, steps: int, tokens: int, seconds: float) -> None:
+        """``steps`` steps timed together (one clock read at each end); a window counts as
+        warm-up while the steps before it have not reached ``warmup_steps``."""
+        warm = self.steps < self.warmup_steps
+        self.steps += steps
+        if warm:
+            self._warm_tokens += tokens
+            self._warm_seconds += seconds
+        else:
+            self.tokens += tokens
+            self.seconds += seconds
+
     @property
     def tokens_per_s(self) -> float | None:
         """Measured rate; ``None`` before any step has been timed."""
@@ -155,6 +167,9 @@ class ThroughputMeter(Callback):
         self.warmup_steps = warmup_steps
         self.peak: float | None = None
         self._meter: Throughput | None = None
+        self._sync: Callable[[], object] | None = None
+        self._seen = self._tokens = self._steps = 0
+        self._t0 = 0.0
 
     def on_run_start(self, state: LoopState) -> None:
         import torch
@@ -167,20 +182,43 @@ class ThroughputMeter(Callback):
             self.peak = peak_flops(torch.cuda.get_device_name(), dtype)
         else:
             self.peak = peak_flops("cpu", "fp32")  # None unless SKEWLESS_PEAK_TFLOPS says
-        self._meter = Throughput(self.warmup_steps, sync=torch.cuda.synchronize if cuda else None)
+        self._sync = torch.cuda.synchronize if cuda else None
+        self._meter = Throughput(self.warmup_steps)
+        self._seen = 0
+
+    # The clock is read (after a device sync) at the edges of a window, not at every step: a
+    # sync per step would stop the host from queueing step N+1 while the GPU runs step N.
+    # Windows: an epoch (evaluation and reporting between epochs are not training time),
+    # split once where the warm-up steps end.
+
+    def _clock(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return time.perf_counter()
 
     def on_epoch_start(self, state: LoopState) -> None:
         if self._meter is not None:
-            self._meter.start()  # evaluation and reporting between epochs are not training time
+            self._t0, self._tokens, self._steps = self._clock(), 0, 0
 
     def on_step_end(self, state: LoopState) -> None:
-        if self._meter is not None:
-            self._meter.stop(state.last_count)
-            self._meter.start()
+        if self._meter is None:
+            return
+        self._seen += 1
+        self._tokens += state.last_count
+        self._steps += 1
+        if self._seen == self.warmup_steps:  # close the warm-up window
+            self._close()
+            self._t0, self._tokens, self._steps = self._clock(), 0, 0
+
+    def _close(self) -> None:
+        if self._meter is not None and self._steps:
+            self._meter.add_window(self._steps, self._tokens, self._clock() - self._t0)
 
     def on_epoch_end(self, state: LoopState) -> None:
         if self._meter is None:
             return
+        self._close()
+        self._tokens, self._steps = 0, 0
         (tps,) = all_reduce_sum([self._meter.tokens_per_s or 0.0])
         state.metrics["tokens_per_s"] = tps
         utilization = mfu(tps, self.flops_per_token, self.peak * state.world_size if self.peak else None)

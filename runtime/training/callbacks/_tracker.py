@@ -96,20 +96,19 @@ class MemoryTracker(Callback):
         self._sampler.start()
 
     def on_step_end(self, state: LoopState) -> None:
-        stats = allocator_stats()  # a host-side counter read: no CUDA synchronization
-        publish = state.step % self.log_every_steps == 0 or "memory" not in state.extra
-        # Without a CUDA allocator the host figures (RSS, cgroup) are what can run out; the
-        # background sampler has them, so a step reads /proc only when it publishes (reading
-        # it every step cost 0.4 ms, more than a small step's own 10%).
-        if stats or publish:
-            record: dict[str, Any] = {"source": "step", "t": time.time(), "rank": state.rank, "step": state.step}
-            record.update(stats or host_stats(self._cgroup))
-            self._record(record)
-            self._last_step = record
-        if publish:
-            summary = self.summary()
-            state.extra["memory"] = summary
-            self._publish(summary, state.step)
+        # Only on publishing steps (and the first): reading the allocator's counters builds a
+        # dict of ~100 entries (70-130 µs, 5% of a 2 ms GPU step if done every step), and
+        # /proc costs more. Nothing is lost between reads: the allocator keeps its own peak
+        # (peak_allocated), and the background sampler reads everything every interval_s.
+        if state.step % self.log_every_steps and "memory" in state.extra:
+            return
+        record: dict[str, Any] = {"source": "step", "t": time.time(), "rank": state.rank, "step": state.step}
+        record.update(allocator_stats() or host_stats(self._cgroup))  # no CUDA synchronization
+        self._record(record)
+        self._last_step = record
+        summary = self.summary()
+        state.extra["memory"] = summary
+        self._publish(summary, state.step)
 
     def on_run_end(self, state: LoopState) -> None:
         if self._sampler is None:
