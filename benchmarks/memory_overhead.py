@@ -108,6 +108,7 @@ def run(steps: int, interval: float, device_name: str, batch: int, hidden: list[
         order = modes[block % len(modes) :] + modes[: block % len(modes)]  # rotate: drift hits all alike
         for mode in order:
             times[mode] += [one(mode, i) for i in range(BLOCK)]
+    pieces = _pieces(state, callbacks, device)
     callbacks.on_run_end(state)
     median = {m: statistics.median(t) for m, t in times.items()}
     off, on = median["off"], median["on"]
@@ -123,11 +124,40 @@ def run(steps: int, interval: float, device_name: str, batch: int, hidden: list[
         "samples_taken": _count_lines(tracker.report_paths.get("timeline")),
         "guard_defaults": {"record_history": guard.record_history, "check_every_steps": guard.check_every_steps},
     }
+    # What the guard and the tracker add to a step, timed alone in tight loops: steadier than
+    # the difference of two noisy step medians on a shared machine.
+    out["added_us_per_step"] = pieces
+    out["added_fraction"] = round(sum(pieces.values()) / (off * 1e6), 5)
     if history:
         out["step_ms_history_always"] = round(median["history"] * 1e3, 4)
         out["ratio_history_always_off"] = round(median["history"] / off, 4)
     out["nvml_call_us"] = nvml_latencies() if device.type == "cuda" else None
     return out
+
+
+def _pieces(state: Any, callbacks: Any, device: Any, n: int = 20_000) -> dict[str, float]:
+    """Microseconds per step of the work the guarded loop adds: the step-end callbacks (the
+    tracker and the guard, at their defaults, averaged over their every-N-steps reads) and
+    the generator-state snapshot a recomputed step would restore."""
+    from runtime.training import _step
+
+    def per_call(fn: Any) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        return round(best, 3)
+
+    def step_end() -> None:
+        state.step += 1
+        callbacks.on_step_end(state)
+
+    return {
+        "step_end_callbacks": per_call(step_end),
+        "rng_snapshot": per_call(lambda: _step._rng_snapshot(device)),
+    }
 
 
 def _count_lines(path: Any) -> int:
@@ -185,6 +215,7 @@ def main() -> None:
                 if "step_ms_history_always" in r
                 else ""
             )
+            + f"; added work alone {r['added_us_per_step']} µs = {r['added_fraction'] * 100:.2f}% of a step"
             + (f"; NVML µs/call {r['nvml_call_us']}" if r["nvml_call_us"] else ""),
             flush=True,
         )

@@ -101,15 +101,25 @@ def serve_phase(
     }
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--duration", type=float, default=4.0, help="Seconds per measured load phase.")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_gpu.json"))
+    parser.add_argument(
+        "--plumbing-on-cpu",
+        action="store_true",
+        help="Run every phase on the CPU (no GPU shares) to check the script itself; the figures mean nothing.",
+    )
     args = parser.parse_args(argv)
 
     import torch
 
-    if not torch.cuda.is_available():
+    cpu = args.plumbing_on_cpu
+    if not cpu and not torch.cuda.is_available():
         raise SystemExit("serve_gpu_bench needs a CUDA GPU (the CPU serving benchmark is serve_bench.py)")
     import ray
     from ray import serve
@@ -117,16 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.serve_bench import make_model_dir
     from runtime.registry import load_model_dir
 
+    gpu_name = "the CPU (plumbing check)" if cpu else torch.cuda.get_device_name(0)
     workdir = Path(tempfile.mkdtemp(prefix="skewless-serve-gpu-"))
     model_dir, raw = make_model_dir(workdir, hidden=HIDDEN)
-    model = load_model_dir(model_dir).to("cuda")
+    model = load_model_dir(model_dir).to("cpu" if cpu else "cuda")
     inprocess = bulk_inprocess(model, raw, batch_rows=BULK_ROWS, min_seconds=args.duration)
     print(
-        f"in-process predict_table on {torch.cuda.get_device_name(0)}: {inprocess['rows_per_s']:,.0f} rows/s",
+        f"in-process predict_table on {gpu_name}: {inprocess['rows_per_s']:,.0f} rows/s",
         flush=True,
     )
     del model
-    torch.cuda.empty_cache()
+    if not cpu:
+        torch.cuda.empty_cache()
 
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for replicas, share in ((1, 1.0), (4, 0.25)):
-            phase = serve_phase(model_dir, raw, port, replicas, share, args.duration)
+            phase = serve_phase(model_dir, raw, port, replicas, 0.0 if cpu else share, args.duration)
             phases.append(phase)
             print(
                 f"{replicas} x {share} GPU on {phase['devices']}: bulk {phase['bulk_rows_per_s']:,.0f} rows/s, "
@@ -148,18 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     one, four = phases
     ratios = {
-        "bulk_serve_vs_inprocess": one["bulk_rows_per_s"] / inprocess["rows_per_s"],
-        "bulk_4x025_vs_1x1": four["bulk_rows_per_s"] / one["bulk_rows_per_s"],
-        "json_4x025_vs_1x1": four["json_requests_per_s"] / one["json_requests_per_s"],
+        "bulk_serve_vs_inprocess": _ratio(one["bulk_rows_per_s"], inprocess["rows_per_s"]),
+        "bulk_4x025_vs_1x1": _ratio(four["bulk_rows_per_s"], one["bulk_rows_per_s"]),
+        "json_4x025_vs_1x1": _ratio(four["json_requests_per_s"], one["json_requests_per_s"]),
     }
     for key, value in ratios.items():
-        print(f"{key}: {value:.3f}", flush=True)
+        print(f"{key}: {'n/a (nothing completed in the phase)' if value is None else f'{value:.3f}'}", flush=True)
     payload = {
         "benchmark": "serve_gpu",
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0),
+            "gpu": gpu_name,
             "torch": torch.__version__,
         },
         "model": {"architecture": "mlp", "hidden": list(HIDDEN), "precision": "fp32"},

@@ -14,6 +14,10 @@ exec > >(tee "$OUT/run.log") 2>&1
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S), ${SECONDS}s)"; }
 ONLY="${ONLY:-tests,memory,lm,serve}"
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
+# The whole run stays inside BUDGET_S seconds: a section gets its own limit or what is left.
+BUDGET_S="${BUDGET_S:-540}"
+limit() { local left=$((BUDGET_S - SECONDS - 5)); ((left < $1)) && echo $((left > 1 ? left : 1)) || echo "$1"; }
+export PYTHONUNBUFFERED=1
 
 step "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -24,23 +28,25 @@ python3 -c "import torch, ray, pydantic, mlflow, safetensors, pyarrow; print('to
 
 if want tests; then
   step "gpu tests"
-  timeout 300 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu tests/unit/test_lm.py -v --timeout 240 \
-    --junitxml="$OUT/gpu-tests.xml" -o addopts="" -s 2>&1 | grep -v "^\s*$" | tail -80
+  timeout "$(limit 230)" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu tests/unit/test_lm.py -v --timeout 200 \
+    --junitxml="$OUT/gpu-tests.xml" -o addopts="" -s 2>&1 | grep -v "^\s*$" >"$OUT/gpu-tests.log"
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/gpu-tests.log" | tail -60
 fi
 
 if want memory; then
   step "the OOM guard's and tracker's cost on cuda (defaults; and record_history: always)"
-  timeout 120 python3 benchmarks/memory_overhead.py --device cuda --steps 300 --out "$OUT/memory_overhead_cuda.json" 2>&1 | tail -8
+  timeout "$(limit 70)" python3 benchmarks/memory_overhead.py --device cuda --steps 300 --out "$OUT/memory_overhead_cuda.json" 2>&1 | tail -8
 fi
 
 if want lm; then
   step "LM: Ray Train job vs plain PyTorch loop, eager and compiled (lm_gpu_large.yaml)"
-  timeout 330 python3 benchmarks/lm_overhead.py --config jobs/configs/lm_gpu_large.yaml --steps 40 --warmup 5 \
-    --out "$OUT/lm_overhead.json" 2>&1 | grep -v "^\s*$" | grep -v "^  \[ray\]" | tail -20
+  timeout "$(limit 250)" python3 benchmarks/lm_overhead.py --config jobs/configs/lm_gpu_large.yaml --steps 40 --warmup 8 \
+    --out "$OUT/lm_overhead.json" 2>&1 | grep -v "^\s*$" >"$OUT/lm.log"
+  grep -v "^  \[ray\]" "$OUT/lm.log" | tail -20
 fi
 
 if want serve; then
   step "GPU serving: 1 x 1.0 and 4 x 0.25 replicas vs in-process predict_table"
-  timeout 200 python3 benchmarks/serve_gpu_bench.py --duration 4 --out "$OUT/serve_gpu.json" 2>&1 | grep -v "^\s*$" | tail -12
+  timeout "$(limit 120)" python3 benchmarks/serve_gpu_bench.py --duration 3 --out "$OUT/serve_gpu.json" 2>&1 | grep -v "^\s*$" | tail -12
 fi
 step "done"
