@@ -139,7 +139,14 @@ def _pieces(state: Any, callbacks: Any, device: Any, n: int = 20_000) -> dict[st
     """Microseconds per step of the work the guarded loop adds: the step-end callbacks (the
     tracker and the guard, at their defaults, averaged over their every-N-steps reads) and
     the generator-state snapshot a recomputed step would restore."""
-    from runtime.training import _step
+    import torch
+
+    # what guarded_step snapshots before each step (the CPU generator's state and, on a GPU,
+    # the device generator's Philox offset), so that a recomputed step draws the same masks
+    gen = torch.cuda.default_generators[torch.cuda.current_device()] if device.type == "cuda" else None
+
+    def rng_snapshot() -> tuple[Any, int]:
+        return torch.get_rng_state(), gen.get_offset() if gen is not None else 0
 
     def per_call(fn: Any) -> float:
         best = float("inf")
@@ -156,7 +163,7 @@ def _pieces(state: Any, callbacks: Any, device: Any, n: int = 20_000) -> dict[st
 
     return {
         "step_end_callbacks": per_call(step_end),
-        "rng_snapshot": per_call(lambda: _step._rng_snapshot(device)),
+        "rng_snapshot": per_call(rng_snapshot),
     }
 
 

@@ -82,10 +82,13 @@ def check_placeable(training: Any, resources: dict[str, float]) -> None:
     ``use_gpu``; ``resources`` is ``ray.cluster_resources()``.
     """
     t = training
-    if t.use_gpu and resources.get("GPU", 0) < t.num_workers:
+    share = float(getattr(t, "gpus_per_worker", 1.0) or 1.0)  # a fraction lets workers share a GPU
+    gpus = t.num_workers * share
+    if t.use_gpu and resources.get("GPU", 0) + 1e-9 < gpus:
         raise ConfigError(
-            f"training.use_gpu = true needs {t.num_workers} GPU(s) (one per worker) but the cluster has "
-            f"{resources.get('GPU', 0):g}; set use_gpu: false or connect to a cluster with GPUs"
+            f"training.use_gpu = true needs {gpus:g} GPU(s) ({t.num_workers} worker(s) x gpus_per_worker "
+            f"{share:g}) but the cluster has {resources.get('GPU', 0):g}; set use_gpu: false, lower "
+            "num_workers or gpus_per_worker, or connect to a cluster with GPUs"
         )
     need = t.num_workers * t.cpus_per_worker
     if resources.get("CPU", 0) < need:

@@ -326,6 +326,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 if config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0:
                     mean_loss = float(state.last_loss)
                     report({"epoch": state.epoch, "step": state.step, "train_loss": mean_loss}, epoch_done=False)
+            callbacks.on_epoch_train_end(state)
             loss_sum, counted = all_reduce_sum([float(total), count], device)
             state.metrics = {
                 "epoch": state.epoch,

@@ -26,6 +26,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --only-binary=:all: 
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --target "$work/site" .whl/*.whl $(ls "$work"/wheels/*.whl | grep -v cachetools)
 rm -rf "$work/site/ray/rllib" "$work/site/ray/llm" "$work/site/ray/dashboard/client"
+# The dashboard server refuses to start without the web client's build folder, and ray.init
+# then waits a minute for it (seen on the H200: a minute lost per cluster start). An empty
+# page keeps the server (and the Jobs / Serve REST APIs) up without the 20 MB client.
+mkdir -p "$work/site/ray/dashboard/client/build/static"
+echo '<!doctype html><title>Ray dashboard (web client not shipped here)</title>' \
+  >"$work/site/ray/dashboard/client/build/index.html"
 find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
 tar -C "$work" -cf - site | xz -T0 -6 > .gpusite.tar.xz
 grep -qxF '/.gpusite.tar.xz' .git/info/exclude 2>/dev/null || echo '/.gpusite.tar.xz' >> .git/info/exclude

@@ -62,6 +62,12 @@ def test_unplaceable_jobs_are_refused_before_ray_work() -> None:
     ):
         check_placeable(cfg.training, {"CPU": 8.0})
     check_placeable(load_config(TrainJobConfig, BASE).training, {"CPU": 8.0})
+    # two workers sharing one GPU (gpus_per_worker 0.5) fit a one-GPU node (found on an H200)
+    halves = {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5}
+    check_placeable(load_config(TrainJobConfig, {**BASE, "training": halves}).training, {"CPU": 8.0, "GPU": 1.0})
+    thirds = {"num_workers": 3, "use_gpu": True, "gpus_per_worker": 0.5}
+    with pytest.raises(ConfigError, match=r"needs 1.5 GPU\(s\) \(3 worker\(s\) x gpus_per_worker 0.5\).*has 1"):
+        check_placeable(load_config(TrainJobConfig, {**BASE, "training": thirds}).training, {"CPU": 8.0, "GPU": 1.0})
 
 
 def test_micro_batch_larger_than_per_worker_batch_is_refused() -> None:

@@ -369,6 +369,26 @@ def test_the_meter_syncs_at_window_edges_not_every_step(monkeypatch: pytest.Monk
     assert state.metrics["tokens_per_s"] == pytest.approx(40.0)
 
 
+def test_evaluation_after_the_steps_is_not_in_the_window(monkeypatch: pytest.MonkeyPatch):
+    """The loop fires on_epoch_train_end before it evaluates: 10 s of evaluation between it
+    and on_epoch_end must not count as training time."""
+    now = [0.0]
+    monkeypatch.setattr(_throughput.time, "perf_counter", lambda: now[0])
+    meter = ThroughputMeter(flops_per_token=1.0, precision="fp32", warmup_steps=0)
+    state = LoopState(rank=0, world_size=1, epochs=1, batch_size=1, micro_batch_size=1)
+    meter.on_run_start(state)
+    meter._sync = None
+    meter.on_epoch_start(state)
+    for _ in range(4):
+        now[0] += 1.0  # a step takes 1 s
+        state.last_count = 10
+        meter.on_step_end(state)
+    meter.on_epoch_train_end(state)
+    now[0] += 10.0  # evaluation
+    meter.on_epoch_end(state)
+    assert state.metrics["tokens_per_s"] == pytest.approx(10.0)  # 40 tokens in 4 s, not in 14 s
+
+
 def test_windows_cut_on_the_device_are_the_host_windows():
     """The device path (here on the CPU device) draws the same starts and cuts the same windows."""
     from runtime.training import TokenSource

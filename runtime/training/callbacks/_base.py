@@ -14,6 +14,7 @@ The worker loop, as pseudocode (``state`` is the :class:`LoopState` every hook r
                 optimizer step, scheduler step
                 on_step_end                          # state.step counts optimizer steps
                 if checkpoint due (every N steps): on_checkpoint, then report
+            on_epoch_train_end                       # the epoch's steps are done (timers stop here)
             evaluate on the validation split (all-reduced)
             on_epoch_end                             # state.metrics holds the epoch's metrics
             on_checkpoint, then report              # per-epoch checkpoint
@@ -44,6 +45,7 @@ class Event(str, enum.Enum):
     RUN_START = "on_run_start"
     EPOCH_START = "on_epoch_start"
     STEP_END = "on_step_end"
+    EPOCH_TRAIN_END = "on_epoch_train_end"
     EPOCH_END = "on_epoch_end"
     CHECKPOINT = "on_checkpoint"
     RESUME = "on_resume"
@@ -83,6 +85,7 @@ class Callback:
     def on_run_start(self, state: LoopState) -> None: ...
     def on_epoch_start(self, state: LoopState) -> None: ...
     def on_step_end(self, state: LoopState) -> None: ...
+    def on_epoch_train_end(self, state: LoopState) -> None: ...
     def on_epoch_end(self, state: LoopState) -> None: ...
     def on_checkpoint(self, state: LoopState, directory: Path) -> None: ...
     def on_resume(self, state: LoopState, directory: Path) -> None: ...
@@ -111,6 +114,9 @@ class CallbackList(Callback):
 
     def on_step_end(self, state: LoopState) -> None:
         self.fire(Event.STEP_END, state)
+
+    def on_epoch_train_end(self, state: LoopState) -> None:
+        self.fire(Event.EPOCH_TRAIN_END, state)
 
     def on_epoch_end(self, state: LoopState) -> None:
         self.fire(Event.EPOCH_END, state)

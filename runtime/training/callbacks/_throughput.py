@@ -214,10 +214,16 @@ class ThroughputMeter(Callback):
         if self._meter is not None and self._steps:
             self._meter.add_window(self._steps, self._tokens, self._clock() - self._t0)
 
+    def on_epoch_train_end(self, state: LoopState) -> None:
+        # the window closes before evaluation: it is not training time
+        if self._meter is not None:
+            self._close()
+            self._tokens, self._steps = 0, 0
+
     def on_epoch_end(self, state: LoopState) -> None:
         if self._meter is None:
             return
-        self._close()
+        self._close()  # a loop that fires no on_epoch_train_end: the window ends here
         self._tokens, self._steps = 0, 0
         (tps,) = all_reduce_sum([self._meter.tokens_per_s or 0.0])
         state.metrics["tokens_per_s"] = tps
