@@ -216,7 +216,8 @@ class MemoryConfig(StrictModel):
         default="after_first_oom",
         description="Allocator history (a python stack per CUDA allocation) for the OOM bundle's snapshot: "
         "after_first_oom (the default) arms it when the first OOM is caught, so later bundles name the lines; "
-        "always costs ~0.4 ms a step (20% of a 2 ms step); true/false mean always/never.",
+        "always costs 0.1-0.2 ms a step on an H200 (6-12% of a 2 ms step, 0.3% of a 69 ms one); "
+        "true/false mean always/never.",
     )
 
     @field_validator("record_history", mode="before")
