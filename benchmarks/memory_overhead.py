@@ -139,14 +139,7 @@ def _pieces(state: Any, callbacks: Any, device: Any, n: int = 20_000) -> dict[st
     """Microseconds per step of the work the guarded loop adds: the step-end callbacks (the
     tracker and the guard, at their defaults, averaged over their every-N-steps reads) and
     the generator-state snapshot a recomputed step would restore."""
-    import torch
-
-    # what guarded_step snapshots before each step (the CPU generator's state and, on a GPU,
-    # the device generator's Philox offset), so that a recomputed step draws the same masks
-    gen = torch.cuda.default_generators[torch.cuda.current_device()] if device.type == "cuda" else None
-
-    def rng_snapshot() -> tuple[Any, int]:
-        return torch.get_rng_state(), gen.get_offset() if gen is not None else 0
+    from runtime.training import rng_snapshot
 
     def per_call(fn: Any) -> float:
         best = float("inf")
@@ -163,7 +156,7 @@ def _pieces(state: Any, callbacks: Any, device: Any, n: int = 20_000) -> dict[st
 
     return {
         "step_end_callbacks": per_call(step_end),
-        "rng_snapshot": per_call(rng_snapshot),
+        "rng_snapshot": per_call(lambda: rng_snapshot(device)),
     }
 
 

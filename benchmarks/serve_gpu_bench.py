@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.serve_bench import make_model_dir
     from runtime.registry import load_model_dir
 
-    gpu_name = "the CPU (plumbing check)" if cpu else torch.cuda.get_device_name(0)
+    device_name = "the CPU (plumbing check)" if cpu else torch.cuda.get_device_name(0)
     workdir = Path(tempfile.mkdtemp(prefix="skewless-serve-gpu-"))
     model_dir, raw = make_model_dir(workdir, hidden=HIDDEN)
     model = load_model_dir(model_dir).to("cpu" if cpu else "cuda")
     inprocess = bulk_inprocess(model, raw, batch_rows=BULK_ROWS, min_seconds=args.duration)
     print(
-        f"in-process predict_table on {gpu_name}: {inprocess['rows_per_s']:,.0f} rows/s",
+        f"in-process predict_table on {device_name}: {inprocess['rows_per_s']:,.0f} rows/s",
         flush=True,
     )
     del model
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "gpu": gpu_name,
+            "gpu": device_name,
             "torch": torch.__version__,
         },
         "model": {"architecture": "mlp", "hidden": list(HIDDEN), "precision": "fp32"},

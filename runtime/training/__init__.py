@@ -53,6 +53,8 @@ from runtime.training._step import (
     make_optimizer,
     make_scheduler,
     micro_batch_agreement,
+    rng_restore,
+    rng_snapshot,
     sync_gradients,
     train_step,
 )
@@ -114,6 +116,8 @@ __all__ = [
     "register_run",
     "reproduce",
     "resolve_tune_config",
+    "rng_restore",
+    "rng_snapshot",
     "run_lm",
     "run_training",
     "run_tune",

@@ -148,8 +148,8 @@ class TokenSource(Source):
         if device is not None:  # one copy of the training tokens on the device, as they are (bytes)
             import torch
 
-            # torch.tensor copies, so a read-only (memory-mapped) token array is fine
-            self._on_device = torch.tensor(np.ascontiguousarray(train), device=device)
+            # torch.tensor copies, so a read-only (object-store or memory-mapped) array is fine
+            self._on_device = torch.tensor(train, device=device)
             self._offsets = torch.arange(seq_len + 1, device=device)
 
     def steps_per_epoch(self) -> int:

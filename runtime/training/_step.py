@@ -176,12 +176,12 @@ def guarded_step(
     # A recomputed step draws the dropout masks it drew the first time: the run ends as one
     # started at the smaller micro-batch would. Reading the generators' state is a host read,
     # no device sync.
-    rng = _rng_snapshot(device)
+    rng = rng_snapshot(device)
     first = True
     while True:
         if stale and state.micro_batch_size > 0:
             if not first:
-                _rng_restore(rng, device)
+                rng_restore(rng, device)
             first = False
             try:
                 total = accumulate(state, batch, objective, device, precision, sync_last=False)
@@ -233,7 +233,7 @@ def guarded_step(
     return total
 
 
-def _rng_snapshot(device: Any) -> tuple[Any, Any, int]:
+def rng_snapshot(device: Any) -> tuple[Any, Any, int]:
     """The generator state a recomputed step restores: the CPU's (5 KB, 2-3 µs) and, on a
     GPU, the device generator's Philox offset (an int: no copy, no sync)."""
     import torch
@@ -244,7 +244,7 @@ def _rng_snapshot(device: Any) -> tuple[Any, Any, int]:
     return torch.get_rng_state(), gen, gen.get_offset() if gen is not None else 0
 
 
-def _rng_restore(snapshot: tuple[Any, Any, int], device: Any) -> None:
+def rng_restore(snapshot: tuple[Any, Any, int], device: Any) -> None:
     import torch
 
     cpu, gen, offset = snapshot

@@ -208,23 +208,21 @@ class ThroughputMeter(Callback):
         self._steps += 1
         if self._seen == self.warmup_steps:  # close the warm-up window
             self._close()
-            self._t0, self._tokens, self._steps = self._clock(), 0, 0
+            self._t0 = self._clock()
 
     def _close(self) -> None:
+        """Add the open window (if it has steps) and empty it."""
         if self._meter is not None and self._steps:
             self._meter.add_window(self._steps, self._tokens, self._clock() - self._t0)
+        self._tokens, self._steps = 0, 0
 
     def on_epoch_train_end(self, state: LoopState) -> None:
-        # the window closes before evaluation: it is not training time
-        if self._meter is not None:
-            self._close()
-            self._tokens, self._steps = 0, 0
+        self._close()  # before evaluation: it is not training time
 
     def on_epoch_end(self, state: LoopState) -> None:
         if self._meter is None:
             return
         self._close()  # a loop that fires no on_epoch_train_end: the window ends here
-        self._tokens, self._steps = 0, 0
         (tps,) = all_reduce_sum([self._meter.tokens_per_s or 0.0])
         state.metrics["tokens_per_s"] = tps
         utilization = mfu(tps, self.flops_per_token, self.peak * state.world_size if self.peak else None)
