@@ -1,16 +1,15 @@
-"""Ray Train overhead vs a plain PyTorch loop, and Ray Data ingestion vs plain pyarrow.
+"""Ray Train overhead vs a plain PyTorch loop.
 
 Same model, same data, same per-step work on the training process (a batch of feature arrays
 -> forward/backward/step: in the Ray job the shared transform is a Ray Data stage ahead of the
 worker, so the plain loop gets its features computed ahead too), same torch thread count, in
 one run:
 
-- steady-state seconds per step: skewless's Ray Train job (1 worker, its real worker loop,
-  timed by a step-end callback) vs a plain loop in this process; prints the ratio;
-- ingestion rows/s into the model: Ray Data read -> transform stage -> batches of arrays
-  (what a training worker receives) vs ``pyarrow`` batch reads + the transform inline.
+steady-state seconds per step: skewless's Ray Train job (1 worker, its real worker loop, timed
+by a step-end callback) vs a plain loop in this process; prints the ratio. (The data stage's
+own throughput against one process is ``ingest_bench.py``.)
 
-    python benchmarks/train_overhead.py [--rows 200000] [--ingest-rows 2000000] [--out ...json]
+    python benchmarks/train_overhead.py [--rows 200000] [--out ...json]
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runtime.training import Callback, LoopState
@@ -117,44 +115,9 @@ def ray_train(data: Path, workdir: Path, batch_size: int, hidden: list[int]) -> 
     return steady_step_s(stamps), len(stamps)
 
 
-def ingestion(data: Path, prep: Any, batch_size: int = 4096) -> dict[str, float]:
-    """Rows/s from Parquet through the transform, timed from the first batch (start-up apart)."""
-
-    from runtime.preprocessing import features_and_labels
-    from runtime.training import features_stage, read_dataset
-
-    def rate(batches: Any) -> tuple[float, float]:
-        t_start = time.perf_counter()
-        rows, first = 0, None
-        for batch in batches:
-            rows += len(batch["y"])
-            if first is None:
-                first, rows = time.perf_counter(), 0
-        end = time.perf_counter()
-        return rows / (end - (first or t_start)), (first or end) - t_start
-
-    plain, plain_start = rate(
-        features_and_labels(prep, pa.Table.from_batches([b]))
-        for b in pq.ParquetFile(data).iter_batches(batch_size=batch_size)
-    )
-    ds = features_stage(read_dataset(str(data), "parquet"), prep)  # the reader training uses
-    via_ray, ray_start = rate(ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
-    return {
-        "batch_size": batch_size,
-        "pyarrow_rows_per_s": plain,
-        "ray_data_rows_per_s": via_ray,
-        "ratio": via_ray / plain,
-        "pyarrow_first_batch_s": plain_start,
-        "ray_data_first_batch_s": ray_start,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=200_000, help="rows of the training-step dataset")
-    parser.add_argument(
-        "--ingest-rows", type=int, default=2_000_000, help="rows of the ingestion dataset (20 row groups)"
-    )
     parser.add_argument("--out", default="benchmarks/results/train_overhead.json")
     args = parser.parse_args()
 
@@ -193,23 +156,13 @@ def main() -> None:
             f"(target <= 1.05); plain PyTorch transforming inline {inline_step * 1e3:.2f} ms -> ratio "
             f"{ray_step / inline_step:.3f}"
         )
-    ingest_data = Path(generate_synthetic(work / "ingest.parquet", SyntheticConfig(rows=args.ingest_rows, seed=2)))
-    ingest = ingestion(ingest_data, prep)
     result = {
         "benchmark": "train_overhead",
         "rows": args.rows,
-        "ingest_rows": args.ingest_rows,
         "torch_threads": threads,
         "step_time": steps_results,
-        "ingestion": ingest,
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
     }
-    print(
-        f"ingestion into the model (steady state, batches of {ingest['batch_size']}): pyarrow "
-        f"{ingest['pyarrow_rows_per_s']:,.0f} rows/s, Ray Data {ingest['ray_data_rows_per_s']:,.0f} rows/s -> "
-        f"ratio {ingest['ratio']:.2f}; first batch after {ingest['pyarrow_first_batch_s']:.2f} s vs "
-        f"{ingest['ray_data_first_batch_s']:.2f} s"
-    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

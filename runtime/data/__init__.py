@@ -5,6 +5,7 @@ is not a version).
 """
 
 from runtime.data._io import dataset_fingerprint, list_data_files, read_table, table_fingerprint
+from runtime.data._row_groups import Piece, plan_pieces, read_piece, read_pieces
 from runtime.data._split import ORDER_KEY, SIDES, split_side, split_unit
 from runtime.data._synthetic import SyntheticConfig, generate_synthetic, synthetic_feature_spec
 from runtime.data._text import generate_text, load_text_tokens
@@ -12,12 +13,16 @@ from runtime.data._text import generate_text, load_text_tokens
 __all__ = [
     "ORDER_KEY",
     "SIDES",
+    "Piece",
     "SyntheticConfig",
     "dataset_fingerprint",
     "generate_synthetic",
     "generate_text",
     "list_data_files",
     "load_text_tokens",
+    "plan_pieces",
+    "read_piece",
+    "read_pieces",
     "read_table",
     "split_side",
     "split_unit",

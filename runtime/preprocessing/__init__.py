@@ -28,7 +28,7 @@ from runtime.preprocessing._spec import (
     PassthroughFeature,
     load_spec,
 )
-from runtime.preprocessing._stage import FEATURES, LABEL, features_and_labels, transform_batch
+from runtime.preprocessing._stage import FEATURES, LABEL, features_and_labels, transform_batch, transform_batches
 from runtime.preprocessing._transform import FittedPreprocessor
 
 __all__ = [
@@ -48,4 +48,5 @@ __all__ = [
     "package_files",
     "source_fingerprint",
     "transform_batch",
+    "transform_batches",
 ]

@@ -39,13 +39,13 @@ from runtime.training._driver import (
     train,
 )
 from runtime.training._evaluate import HoldoutStream, evaluate
-from runtime.training._ingest import BottomK, features_stage, plan_ingest, read_dataset
+from runtime.training._ingest import BottomK, features_stage, ingest_options, open_split, plan_ingest, read_dataset
 from runtime.training._lm import LMJobConfig, split_tokens
 from runtime.training._lm_driver import LMOutcome, prepare_corpus, run_lm
 from runtime.training._objective import LMObjective, Objective, TabularObjective
 from runtime.training._promote import TrainOutcome, register_run
 from runtime.training._reproduce import Reproduction, reproduce
-from runtime.training._sources import TokenSource, sample_windows
+from runtime.training._sources import TokenSource, sample_windows, shuffled_batches
 from runtime.training._step import (
     accumulate,
     guarded_step,
@@ -101,6 +101,7 @@ __all__ = [
     "features_stage",
     "fit_preprocessing",
     "guarded_step",
+    "ingest_options",
     "job_files",
     "load_checkpoint",
     "load_train_config",
@@ -108,6 +109,7 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "micro_batch_agreement",
+    "open_split",
     "package",
     "plan_ingest",
     "prepare",
@@ -124,6 +126,7 @@ __all__ = [
     "sample_windows",
     "save_checkpoint",
     "save_rng_state",
+    "shuffled_batches",
     "split_tokens",
     "sync_gradients",
     "tracked_run",

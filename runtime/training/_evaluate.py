@@ -19,14 +19,26 @@ def evaluate(model: LoadedModel, data: pa.Table | Iterable[pa.Table]) -> dict[st
 
     ``data`` is a table or an iterable of tables (batches streamed from Ray Data); the metrics
     accumulate batch by batch (the task's sums; binary AUC keeps one score per row).
+
+    The model runs on one intra-op thread: a CPU matmul's sums depend on how many threads
+    share it (on the churn model, 1 and 2 threads differ in the 10th digit of the log loss), and
+    the holdout metrics must be the same wherever a run is reproduced (``skewless reproduce``
+    compares them exactly; a Ray job's driver and a laptop shell get different thread counts).
     """
+    import torch
+
     task = model.task
     if task is None or model.preprocessor is None:
         raise ConfigError(f"{model.directory}: only a model over rows of features has holdout metrics")
     acc = task.accumulator()
-    for batch in [data] if isinstance(data, pa.Table) else data:
-        if batch.num_rows:
-            acc.add(model.predict_table(batch), model.preprocessor.transform_label(batch))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch in [data] if isinstance(data, pa.Table) else data:
+            if batch.num_rows:
+                acc.add(model.predict_table(batch), model.preprocessor.transform_label(batch))
+    finally:
+        torch.set_num_threads(threads)
     return {f"holdout_{k}": v for k, v in acc.result().items()}
 
 

@@ -4,7 +4,8 @@ memory and streaming.
 
 The driver never holds the dataset:
 
-- the files are read by Ray Data (``read_parquet``/``read_csv``);
+- the files are read by Ray Data (Parquet in pieces of row groups, :func:`read_dataset`;
+  CSV with ``read_csv``), only the columns the job uses;
 - the train / validation / test split is a per-row function of the row's *content* and the
   seed (:func:`runtime.data.split_side`), so it needs no global shuffle or row index, is the
   same however the files are chunked or ordered, and sends duplicate rows to the same side
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from runtime.data import ORDER_KEY, list_data_files, split_side, split_unit
+from runtime.data import ORDER_KEY, list_data_files, plan_pieces, read_pieces, split_side, split_unit
 from runtime.errors import ConfigError, DataError, SkewlessError
 from runtime.redact import redact
 
@@ -47,25 +48,39 @@ STAGE_BATCH_ROWS = 65_536  # rows per call of the preprocessing stage (see featu
 STAGE_BATCH_BYTES = 64 << 20  # at most about this much dense output per call
 
 
-def read_dataset(uri: str, fmt: str | None) -> ray.data.Dataset:
-    """The dataset as a lazy Ray Data ``Dataset`` (files in path order; nothing read yet)."""
+def read_dataset(uri: str, fmt: str | None, columns: list[str] | None = None) -> ray.data.Dataset:
+    """The dataset as a lazy Ray Data ``Dataset`` (files in path order; nothing read yet),
+    with only ``columns`` when given.
+
+    Parquet is read in pieces of whole row groups (:func:`runtime.data.plan_pieces`): one
+    read task per piece, which Ray fuses with the split and the preprocessing after it, so a
+    single large file is read and preprocessed by as many tasks as it has room for, and raw
+    rows never go through the object store. CSV goes through ``ray.data.read_csv``.
+    """
     import ray.data
 
     fs, files, found = list_data_files(uri, fmt)  # type: ignore[arg-type]
-    reader = ray.data.read_parquet if found == "parquet" else ray.data.read_csv
-    # Ray 2.60's DataSourceV2 Parquet path (ListFiles -> ReadFiles) spends ~5 s per execution
-    # in its ListFiles task here, against ~0.1 s for the V1 reader; we list the files
-    # ourselves, and a dataset is re-executed every epoch, so use V1.
-    ctx = ray.data.DataContext.get_current()
-    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        return reader(files, filesystem=fs)
-    except SkewlessError:
-        raise
+        if found == "parquet":
+            pieces = plan_pieces(fs, files)
+            if pieces:
+                return read_pieces(fs, pieces, columns)
+        # Ray 2.60's DataSourceV2 path (ListFiles -> ReadFiles) spends ~5 s per execution in
+        # its ListFiles task here, against ~0.1 s for V1; we list the files ourselves, and a
+        # dataset is re-executed every epoch, so use V1 (and for files with no rows at all,
+        # whose schema it still reads).
+        ctx = ray.data.DataContext.get_current()
+        previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+        try:
+            reader = ray.data.read_parquet if found == "parquet" else ray.data.read_csv
+            ds = reader(files, filesystem=fs)
+        finally:
+            ctx.use_datasource_v2 = previous
+        return ds.select_columns(columns) if columns is not None else ds
+    except SkewlessError as exc:
+        raise DataError(f"dataset {redact(uri)!r}: {exc}") from exc
     except Exception as exc:  # reading the schema/metadata fails eagerly for broken files
         raise DataError(f"dataset {redact(uri)!r}: cannot read it as {found}: {redact(str(exc))}") from exc
-    finally:
-        ctx.use_datasource_v2 = previous
 
 
 def open_split(
@@ -79,7 +94,7 @@ def open_split(
     (resource limits net of the workers' reservation), which then starves a later pass on
     the driver over the same objects.
     """
-    ds = read_dataset(uri, fmt)
+    ds = read_dataset(uri, fmt, columns)
     return {
         side: ds.map_batches(
             partial(
@@ -104,17 +119,18 @@ def features_stage(ds: ray.data.Dataset, prep: Any) -> ray.data.Dataset:
 
     The state travels as JSON (parsed once per Ray Data worker process); a row that breaks
     the feature spec fails the stage with the column and rule (its row number counts within
-    the stage's batch). Calls take up to ``STAGE_BATCH_ROWS`` rows: Ray Data's fixed cost per
-    call dominated with the reader's ~15k-row blocks (2M rows: 4.9 s per pass, against 2.8 s
-    with 64k rows, 2.5 s to read alone); wide outputs (many one-hot columns) take fewer, so
+    the stage's batch). The stage takes whole blocks (``batch_size=None``: a stage that asks
+    for a batch size is not fused with the read before it, so every block would go through
+    the object store between them) and transforms them in slices of ``stage_batch_rows``: the
+    reader's 64k-row blocks whole, wide outputs (many one-hot columns) in smaller slices, so
     one call's dense float32 output stays near ``STAGE_BATCH_BYTES``.
     """
-    from runtime.preprocessing import transform_batch
+    from runtime.preprocessing import transform_batches
 
     return ds.map_batches(
-        partial(transform_batch, state=prep.to_json(), keep=(ORDER_KEY,)),
+        partial(transform_batches, state=prep.to_json(), keep=(ORDER_KEY,), rows=stage_batch_rows(prep.output_dim)),
         batch_format="pyarrow",
-        batch_size=stage_batch_rows(prep.output_dim),
+        batch_size=None,
     )
 
 

@@ -2,7 +2,8 @@
 # Every GPU check in one bounded run, for a lent GPU machine (Python 3.12 + torch, no network,
 # no Ray/pydantic/MLflow of its own): the `gpu` tests (serving on the GPU, the real OOM, the
 # tabular job end to end), the OOM guard's cost, the LM job against a plain loop (eager and
-# compiled) and GPU serving against in-process prediction. Logs and JSON results go to $OUT
+# compiled), GPU serving against in-process prediction, and the training data stage's rows/s
+# against the host's CPUs. Logs and JSON results go to $OUT
 # (default ./gpu-out). Prepare here, with the registry reachable (see tests/gpu/build_site.sh):
 #   ../shared/tools/gpu-wheels.sh <extras>  &&  tests/gpu/build_site.sh
 # then run this script on the device with .gpusite.tar.xz carried along.
@@ -12,7 +13,7 @@ OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S), ${SECONDS}s)"; }
-ONLY="${ONLY:-tests,memory,lm,serve}"
+ONLY="${ONLY:-tests,memory,lm,serve,ingest}"
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 # The whole run stays inside BUDGET_S seconds: a section gets its own limit or what is left.
 BUDGET_S="${BUDGET_S:-540}"
@@ -48,5 +49,10 @@ fi
 if want serve; then
   step "GPU serving: 1 x 1.0 and 4 x 0.25 replicas vs in-process predict_table"
   timeout "$(limit 120)" python3 benchmarks/serve_gpu_bench.py --duration 3 --out "$OUT/serve_gpu.json" 2>&1 | grep -v "^\s*$" | tail -12
+fi
+if want ingest; then
+  step "the training data stage vs one process, rows/s against CPUs (the host's cores)"
+  timeout "$(limit 150)" python3 benchmarks/ingest_bench.py --rows 8000000 --passes 1 --cpus 1 4 16 \
+    --out "$OUT/ingest_bench.json" 2>&1 | grep -v "^\s*$" | grep -v "Deprecat\|exclude_resources =" | tail -8
 fi
 step "done"

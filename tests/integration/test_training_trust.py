@@ -129,8 +129,8 @@ def test_a_model_does_not_depend_on_the_block_layout_and_reproduces_exactly(
     read = ingest.read_dataset
     blocks: list[int] = []
 
-    def other_layout(uri: str, fmt: str | None) -> Any:
-        ds = read(uri, fmt).repartition(7)
+    def other_layout(uri: str, fmt: str | None, columns: list[str] | None = None) -> Any:
+        ds = read(uri, fmt, columns).repartition(7)
         blocks.append(7)
         return ds
 

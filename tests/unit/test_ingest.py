@@ -97,6 +97,42 @@ def test_streamed_evaluation_equals_whole_table(tmp_path: Path, table: pa.Table)
         assert streamed[k] == pytest.approx(whole[k], rel=1e-9)
 
 
+def test_holdout_metrics_are_computed_on_one_thread_whatever_the_process_has(tmp_path: Path, table: pa.Table) -> None:
+    """``reproduce`` compares holdout metrics exactly, a Ray job's driver and a shell get
+    different torch thread counts, and a CPU matmul's sums can depend on the thread count (the
+    e2e churn model's log loss moved in the 10th digit): the model runs on one thread."""
+    import torch
+
+    from runtime.data import synthetic_feature_spec
+    from runtime.models import MLPConfig, build_model
+    from runtime.preprocessing import FeatureSpec, fit
+    from runtime.registry import load_model_dir, model_json, write_model_dir
+    from runtime.tasks import task_for
+    from runtime.training import evaluate
+
+    prep = fit(FeatureSpec.model_validate(synthetic_feature_spec("binary")), table)
+    config = model_json(MLPConfig(hidden=[8]), prep, task_for("binary"))
+    torch.manual_seed(0)
+    write_model_dir(tmp_path / "m", build_model(config).state_dict(), config, prep)
+    model = load_model_dir(tmp_path / "m")
+    seen: list[int] = []
+    predict = model.predict_table
+
+    def recording(batch: pa.Table) -> object:
+        seen.append(torch.get_num_threads())
+        return predict(batch)
+
+    model.predict_table = recording  # type: ignore[method-assign]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        metrics = evaluate(model, (table.slice(i, 5000) for i in range(0, table.num_rows, 5000)))
+        assert seen == [1, 1, 1, 1] and torch.get_num_threads() == 2  # and the process keeps its setting
+    finally:
+        torch.set_num_threads(before)
+    assert set(metrics) == {"holdout_accuracy", "holdout_log_loss", "holdout_auc"}
+
+
 def test_split_is_the_same_whatever_the_types_a_block_gives_a_value() -> None:
     """A block with a null in an int column reads as float, a dictionary-encoded one as a
     dictionary: the same row must land on the same side, with the same order key."""

@@ -82,6 +82,7 @@ def test_public_surface_is_locked() -> None:
         "package_files",
         "source_fingerprint",
         "transform_batch",
+        "transform_batches",
     ]
 
 
