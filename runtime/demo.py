@@ -6,6 +6,7 @@ generate data -> train (Ray Train, 2 workers) -> register (MLflow) -> serve (Ray
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def run_demo(
     from runtime.connect import connect
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
     from runtime.registry import skewless_home, tracking_uri
-    from runtime.serving import build_predictor_app, check_parity, run_app
+    from runtime.serving import DEFAULT_API_KEY_ENV, build_predictor_app, check_parity, run_app
     from runtime.training import TrainJobConfig, run_training
 
     home = skewless_home()
@@ -93,7 +94,10 @@ def run_demo(
     endpoint = f"http://127.0.0.1:{port}{route}"
     progress(f"[3/5] deploying {model_uri} on Ray Serve at {endpoint}")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    run_app(build_predictor_app({"model_uri": model_uri}), name=model_name, route_prefix=route)
+    # With $SKEWLESS_API_KEY set, the demo's endpoint requires it (and the parity check sends it).
+    api_key = os.environ.get(DEFAULT_API_KEY_ENV) or None
+    app_args = {"model_uri": model_uri} | ({"api_key_env": DEFAULT_API_KEY_ENV} if api_key else {})
+    run_app(build_predictor_app(app_args), name=model_name, route_prefix=route)
     health = wait_until_healthy(endpoint)
     served = str(health["model"]["version"])
     progress(f"      healthy: serving version {served} ({outcome.decision})")
@@ -101,9 +105,10 @@ def run_demo(
     label = cfg.feature_spec_dict()["label"]["name"]
     sample = outcome.holdout_sample.slice(0, 256).drop_columns([label])
     progress(f"[4/5] querying: {sample.num_rows} raw holdout rows over HTTP and offline via MLflow pyfunc")
-    parity = check_parity(endpoint, model_uri, sample)
+    parity = check_parity(endpoint, model_uri, sample, api_key=api_key)
     progress(f"[5/5] parity {parity}")
 
     one = json.dumps({"instances": [sample.slice(0, 1).to_pylist()[0]]})
-    curl = f"curl -s -X POST {endpoint}/predict -H 'Content-Type: application/json' -d '{one}'"
+    auth = f' -H "Authorization: Bearer ${DEFAULT_API_KEY_ENV}"' if api_key else ""  # the variable, never the key
+    curl = f"curl -s -X POST {endpoint}/predict -H 'Content-Type: application/json'{auth} -d '{one}'"
     return DemoResult(endpoint, model_uri, served, outcome.metrics, parity, curl, tracking_uri(), data_path)

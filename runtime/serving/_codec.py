@@ -3,12 +3,15 @@
 Pure functions with no Ray import, so the Serve replica, the FastAPI baseline and the
 tests share one codec. Two content types are accepted:
 
-- ``application/json`` (or no ``Content-Type``): ``{"instances": [{"col": value, ...}, ...]}``,
+- ``application/json``: ``{"instances": [{"col": value, ...}, ...]}``,
   answered with JSON ``{"predictions": [...], "model": {...}}`` (plus ``probabilities`` and
   ``classes`` for classifiers).
 - ``application/vnd.apache.arrow.stream``: an Arrow IPC stream of raw rows, answered with an
   Arrow IPC stream of ``prediction`` (plus ``probability_<class>``) whose schema metadata
   ``model`` holds the model identity as JSON.
+
+A body without a ``Content-Type`` is a 415: a browser page can send one to a loopback endpoint
+with no CORS preflight (a ``Blob`` body carries none), so it is never taken for JSON.
 
 :func:`decode_request` raises nothing but :class:`HttpError` (a 4xx), whatever the bytes:
 a client can never cause a 500 here. Schema errors found later by the transform (a null
@@ -51,6 +54,8 @@ _UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 _SHORT = 200  # characters of a bad value echoed back: bodies stay small
 # A compressed Arrow stream may expand beyond the body limit by at most this factor.
 _MAX_EXPANSION = 4
+# Objects a JSON body may hold beside its instances (the envelope, a client's extra fields).
+_ENVELOPE_OBJECTS = 16
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 5, 5, 60, 60
 
@@ -134,7 +139,14 @@ def decode_request(
     if len(body) > max_body_bytes:
         raise HttpError(413, "body", len(body), f"request body at most {max_body_bytes} bytes")
     kind, params = media_type(content_type)
-    if kind in ("", JSON):
+    if not kind:
+        raise HttpError(
+            415,
+            "Content-Type",
+            content_type,
+            f"the header is required; send one of: {', '.join(ACCEPTED_CONTENT_TYPES)}",
+        )
+    if kind == JSON:
         charset = params.get("charset", "utf-8")
         if charset not in _UTF8_CHARSETS:
             raise HttpError(415, "Content-Type", content_type, "JSON bodies must be UTF-8; send charset=utf-8")
@@ -151,9 +163,43 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON; send null for a missing value")
 
 
+class _TooManyObjects(Exception):
+    pass
+
+
+def _counting_hook(limit: int) -> Any:
+    """An ``object_pairs_hook`` that stops the parse at the ``limit + 1``-th object."""
+    seen = 0
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal seen
+        seen += 1
+        if seen > limit:
+            raise _TooManyObjects
+        return dict(pairs)
+
+    return hook
+
+
+def _parse_json(body: bytes, max_instances: int) -> Any:
+    """``json.loads``, but a body that could hold more than ``max_instances`` objects is parsed
+    with a hook that stops at the first object past the bound: 10 MiB of ``{}`` would otherwise
+    become 3.5 million dicts before the count is checked. ``{`` counts every object (and any
+    brace inside a string): at or below the bound the fast parser runs as it is."""
+    limit = max_instances + _ENVELOPE_OBJECTS
+    if body.count(b"{") <= limit:
+        return json.loads(body, parse_constant=_reject_constant)
+    try:
+        return json.loads(body, parse_constant=_reject_constant, object_pairs_hook=_counting_hook(limit))
+    except _TooManyObjects:
+        raise HttpError(
+            413, "instances", f"more than {max_instances}", f"at most {max_instances} instances per request"
+        ) from None
+
+
 def _decode_json(body: bytes, preprocessor: FittedPreprocessor, max_instances: int) -> pa.Table:
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
+        payload = _parse_json(body, max_instances)
     except (ValueError, UnicodeDecodeError, RecursionError, MemoryError) as exc:
         # RecursionError: nesting deeper than the parser's stack; ValueError: also ints over 4300 digits
         rule = f"body must be valid JSON ({str(exc)[:_SHORT]})"
@@ -239,13 +285,25 @@ def _expanded_bytes(column: pa.ChunkedArray) -> int:
     total = 0
     for chunk in column.chunks:
         if pa.types.is_dictionary(chunk.type):
-            if not (pa.types.is_string(chunk.type.value_type) or pa.types.is_binary(chunk.type.value_type)):
-                continue
+            if not _is_binary_like(chunk.type.value_type):
+                continue  # fixed-width values: the cast's size is bounded by the row count
             lengths = pc.binary_length(chunk.dictionary)
             total += int(pc.sum(pc.take(lengths, chunk.indices)).as_py() or 0)
         elif pa.types.is_string_view(chunk.type) or pa.types.is_binary_view(chunk.type):
             total += int(pc.sum(pc.binary_length(chunk)).as_py() or 0)
     return total
+
+
+def _is_binary_like(t: pa.DataType) -> bool:
+    """Variable-length bytes of any width: a dictionary of these can expand without bound."""
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_string_view(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_binary_view(t)
+    )
 
 
 def _check_expansion(column: pa.ChunkedArray, field: pa.Field, max_decoded: int) -> None:

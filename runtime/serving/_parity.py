@@ -35,22 +35,26 @@ class ParityReport:
         )
 
 
-def _online(endpoint: str, records: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
+def _online(endpoint: str, records: list[dict[str, Any]], timeout: float, api_key: str | None) -> dict[str, Any]:
     import httpx
 
-    resp = httpx.post(f"{endpoint}/predict", json={"instances": records}, timeout=timeout)
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    resp = httpx.post(f"{endpoint}/predict", json={"instances": records}, timeout=timeout, headers=headers)
     resp.raise_for_status()
     body: dict[str, Any] = resp.json()
     return body
 
 
-def check_parity(endpoint: str, model_uri: str, rows: pa.Table, timeout: float = 60.0) -> ParityReport:
-    """Score ``rows`` (raw features; a label column is ignored) offline and online."""
+def check_parity(
+    endpoint: str, model_uri: str, rows: pa.Table, timeout: float = 60.0, api_key: str | None = None
+) -> ParityReport:
+    """Score ``rows`` (raw features; a label column is ignored) offline and online; ``api_key``
+    is sent as a bearer token when the endpoint requires one."""
     from runtime.registry import configure_mlflow, load_pyfunc
 
     configure_mlflow()
     records = rows.to_pylist()
-    online = _online(endpoint, records, timeout)
+    online = _online(endpoint, records, timeout, api_key)
     offline = load_pyfunc(model_uri).predict(rows.to_pandas())  # verified before MLflow runs its code
 
     labels_equal = list(offline["prediction"]) == online["predictions"]

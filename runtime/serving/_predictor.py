@@ -50,6 +50,8 @@ from runtime.serving._routes import ROUTES, UNKNOWN_ROUTE
 
 logger = logging.getLogger("ray.serve")
 INLINE_ROWS = 512
+DRAIN_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this, so the client gets its 413
+INLINE_JSON_BYTES = 64 << 10  # JSON up to this size is decoded on the event loop (~450 rows, ~0.9 ms)
 
 
 def _mib(n: int) -> str:
@@ -289,8 +291,11 @@ class Predictor:
         headers: dict[str, str] = {}
         if arrow:  # bulk: decode, transform and predict off the event loop
             preds = await asyncio.to_thread(self._decode_and_predict, content_type, body)
-        else:
-            table = self._decode(content_type, body)
+        else:  # a large body is parsed off the event loop, so other requests keep moving
+            if len(body) <= INLINE_JSON_BYTES:
+                table = self._decode(content_type, body)
+            else:
+                table = await asyncio.to_thread(self._decode, content_type, body)
             preds, batched = await self._batched_predict(table)
             if isinstance(preds, HttpError):
                 raise preds
@@ -299,17 +304,29 @@ class Predictor:
         return Response(out, media_type=media, headers=headers)
 
     async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with a 413 as soon as it passes the limit (chunked bodies too)."""
+        """The body, at most ``max_body_bytes`` (chunked bodies too); a larger one is a 413.
+
+        The rest of an oversized body is read and dropped (up to ``DRAIN_BYTES``) before the
+        answer: a client that sends its whole body before reading (Python's urllib, most
+        others) would otherwise see the connection reset instead of the 413.
+        """
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise HttpError(413, "body", int(declared), f"request body at most {limit} bytes")
-        parts, size = [], 0
+        size = int(declared) if declared and declared.isdigit() else 0
+        parts: list[bytes] = []
+        over = size > limit
+        received = 0
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HttpError(413, "body", size, f"request body at most {limit} bytes")
+            received += len(chunk)
+            if received > limit:
+                over = True
+            if over:
+                if received > DRAIN_BYTES:
+                    break  # past this, the connection may be cut: the client is told nothing more
+                continue
             parts.append(chunk)
+        if over:
+            raise HttpError(413, "body", max(size, received), f"request body at most {limit} bytes")
         return b"".join(parts)
 
     def _decode(self, content_type: str | None, body: bytes) -> pa.Table:

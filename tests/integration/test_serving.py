@@ -190,6 +190,56 @@ def test_api_key_is_required_when_set_and_health_stays_open(
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
 
 
+def _urllib_post(url: str, body: bytes, content_type: str) -> tuple[int, dict[str, Any]]:
+    """POST with the standard library, as an ordinary client does: the whole body is sent before
+    the answer is read."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_the_input_holes_are_closed_for_an_ordinary_client(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    """Each probe that found a hole, sent with the standard library to a live app."""
+    import http.client
+
+    endpoint = _deploy("holes", serve_clean, {"model_uri": str(models[0]), "max_body_bytes": 1 << 20})
+    url = f"{endpoint}/predict"
+    good = _raw(data).slice(0, 2)
+    # a body 25 times the limit: the client sends it all, then reads a 413 (not a reset connection)
+    status, body = _urllib_post(url, b"x" * (25 << 20), "application/json")
+    assert status == 413 and body["error"]["rule"] == f"request body at most {1 << 20} bytes", body
+    # no Content-Type at all (what a browser's Blob body sends, without a CORS preflight): 415
+    conn = http.client.HTTPConnection("127.0.0.1", serve_clean, timeout=60)
+    conn.request("POST", "/holes/predict", body=json.dumps({"instances": good.to_pylist()}))
+    answer = conn.getresponse()
+    assert answer.status == 415 and "Content-Type" in json.loads(answer.read())["error"]["field"]
+    conn.close()
+    # a dictionary of large_string (or large_binary) values: bounded like a plain string one
+    plan = good.schema.get_field_index("plan")
+    for value_type in (pa.large_string(), pa.large_binary()):
+        n = good.num_rows * 100
+        rows = pa.concat_tables([good] * 100)
+        big = pa.array([b"v" * 100_000] if value_type == pa.large_binary() else ["v" * 100_000], value_type)
+        bomb = rows.set_column(plan, "plan", pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), big))
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, bomb.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+            writer.write_table(bomb)
+        status, body = _urllib_post(url, sink.getvalue().to_pybytes(), ARROW_STREAM)
+        assert status == 413 and body["error"]["field"] == "plan", (value_type, body)
+    # a JSON body of 300,000 empty objects: refused at the bound, not after building them all
+    status, body = _urllib_post(url, b'{"instances": [' + b",".join([b"{}"] * 300_000) + b"]}", "application/json")
+    assert status == 413 and body["error"]["field"] == "instances", body
+    assert httpx.get(f"{endpoint}/healthz").status_code == 200
+
+
 _json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 _rows = st.dictionaries(
     st.sampled_from(["tenure_months", "monthly_charges", "plan", "region", "support_calls", "x"]) | st.text(max_size=5),

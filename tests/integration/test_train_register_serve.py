@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,19 @@ def test_serve_predicts_and_matches_offline(trained: TrainOutcome, dataset: Path
     assert body["model"] == {"name": NAME, "version": health["model"]["version"], "uri": f"models:/{NAME}@champion"}
 
     report = check_parity(endpoint, f"models:/{NAME}@champion", raw)
+    assert report.ok, str(report)
+
+
+def test_parity_check_sends_the_api_key_an_endpoint_requires(
+    trained: TrainOutcome, dataset: Path, serve_clean: int
+) -> None:
+    key = "parity-" + os.urandom(12).hex()
+    endpoint = _serve("churn-key", {"model_uri": f"models:/{NAME}@champion", "api_key": key}, serve_clean)
+    raw = pq.read_table(dataset).slice(0, 32).drop_columns(["churned"])
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        check_parity(endpoint, f"models:/{NAME}@champion", raw)
+    assert refused.value.response.status_code == 401
+    report = check_parity(endpoint, f"models:/{NAME}@champion", raw, api_key=key)
     assert report.ok, str(report)
 
 

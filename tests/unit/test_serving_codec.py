@@ -106,8 +106,36 @@ def check_outcome(prep: FittedPreprocessor, content_type: str | None, body: byte
 def test_json_rows_become_the_same_table_as_records_to_table(prep: FittedPreprocessor, rows: pa.Table) -> None:
     records = rows.slice(0, 5).to_pylist()
     expected = prep.records_to_table(records)
-    for content_type in (JSON, "Application/JSON; charset=UTF-8", None, ""):
+    for content_type in (JSON, "Application/JSON; charset=UTF-8"):
         assert decode(prep, content_type, body_of(records)).equals(expected)
+
+
+def test_a_body_without_a_content_type_is_415_not_json(prep: FittedPreprocessor, rows: pa.Table) -> None:
+    """A browser page can POST a ``Blob`` to a loopback endpoint with no preflight and no
+    Content-Type: that must not be read as JSON."""
+    for content_type in (None, "", "  ; charset=utf-8"):
+        err = error(prep, content_type, body_of(rows.slice(0, 1).to_pylist()))
+        assert (err.status, err.field) == (415, "Content-Type") and JSON in err.rule and "required" in err.rule
+
+
+def test_json_past_the_instance_bound_stops_parsing_early(prep: FittedPreprocessor, rows: pa.Table) -> None:
+    """10 MiB of ``{}`` must not become millions of dicts before the count is checked."""
+    import tracemalloc
+
+    body = b'{"instances": [' + b",".join([b"{}"] * 1_000_000) + b"]}"  # 3 MB, a million objects
+    tracemalloc.start()
+    try:
+        err = error(prep, JSON, body, max_body_bytes=len(body), max_instances=100)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (err.status, err.field) == (413, "instances") and "at most 100" in err.rule
+    assert peak < 5_000_000, peak  # a full parse holds a million dicts: ~64 MB
+    # braces inside strings are not objects: a body at the bound still parses exactly
+    good = rows.slice(0, 1).to_pylist()[0]
+    braced = body_of([{**good, "plan": "{" * 50}] * 100)
+    assert decode(prep, JSON, braced, max_instances=100).num_rows == 100
+    assert error(prep, JSON, body_of([good] * 101), max_instances=100).status == 413
 
 
 @pytest.mark.parametrize(
@@ -263,6 +291,30 @@ def test_a_dictionary_column_that_would_expand_past_the_limit_is_413_before_the_
     assert len(body) < 2_000_000
     err = error(prep, ARROW_STREAM, body, max_body_bytes=2_000_000, max_instances=10_000)
     assert (err.status, err.field) == (413, string_field.name) and err.value == n * 100_000
+
+
+@pytest.mark.parametrize("value_type", [pa.string(), pa.large_string(), pa.binary(), pa.large_binary()])
+def test_a_dictionary_of_any_byte_type_is_bounded_before_the_cast(prep: FittedPreprocessor, value_type: Any) -> None:
+    """The probe that found it: a 2.4 KB zstd body whose categorical column is a dictionary of
+    ``large_string`` holding one 1 MB value for 200 rows decoded to 200 MB and was answered."""
+    n = 200
+    string_field = next(f for f in prep.input_schema if pa.types.is_string(f.type))
+    value = pa.array(
+        [b"v" * 1_000_000]
+        if pa.types.is_binary(value_type) or pa.types.is_large_binary(value_type)
+        else ["v" * 1_000_000],
+        value_type,
+    )
+    columns = {
+        f.name: pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), value)
+        if f.name == string_field.name
+        else (pa.array([1.0] * n) if f.type == pa.float64() else pa.array(["a"] * n))
+        for f in prep.input_schema
+    }
+    body = ipc(pa.table(columns), "zstd")
+    assert len(body) < 64_000  # vs 200 MB once cast
+    err = error(prep, ARROW_STREAM, body, max_body_bytes=1_000_000, max_instances=10_000)
+    assert (err.status, err.field) == (413, string_field.name) and err.value == n * 1_000_000
 
 
 # --------------------------------------------------------------------------- properties: never a 5xx
