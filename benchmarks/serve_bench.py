@@ -339,10 +339,12 @@ def run_baseline(ctx: BenchContext) -> dict[str, Any]:
     return {"server": "fastapi+uvicorn, 1 worker", "url": url, "sweep": sweep, "bulk_inprocess": bulk}
 
 
-def run_serve(ctx: BenchContext, direct: bool = True) -> dict[str, Any]:
+def run_serve(ctx: BenchContext, direct: bool = True, haproxy: bool = False) -> dict[str, Any]:
     """The skewless Serve app (one replica, dynamic batching), reached through Ray Serve's
     direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: the replica's own HTTP server,
-    no proxy hop) or, with ``direct=False``, through the stock HTTP proxy.
+    no proxy hop); with ``direct=False``, through the stock HTTP proxy; with ``haproxy``,
+    through Serve's HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``: Serve runs an ``haproxy``
+    from ``PATH`` on the HTTP port, in front of the replicas' own servers).
 
     Starts a private local Ray instance in this process and shuts it down after.
     """
@@ -352,7 +354,8 @@ def run_serve(ctx: BenchContext, direct: bool = True) -> dict[str, Any]:
 
     from runtime.serving import build_predictor_app, run_app
 
-    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if direct else "0"  # read by Serve's processes
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if direct or haproxy else "0"  # read by Serve's processes
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if haproxy else "0"
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
@@ -384,7 +387,7 @@ def run_serve(ctx: BenchContext, direct: bool = True) -> dict[str, Any]:
                 pass
             time.sleep(0.2)
         replica_pid = int(health.json()["replica"]["pid"])
-        if direct:  # the replica's own HTTP server (Serve picks a port in 30000-31000)
+        if direct and not haproxy:  # the replica's own HTTP server (Serve picks a port in 30000-31000)
             ports = [p for p in listening_ports(replica_pid) if 30000 <= p <= 31000]
             if not ports:
                 raise SystemExit(f"direct ingress: replica {replica_pid} listens on no port in 30000-31000")
@@ -404,7 +407,8 @@ def run_serve(ctx: BenchContext, direct: bool = True) -> dict[str, Any]:
         serve.shutdown()
         ray.shutdown()
     return {
-        "server": "skewless Ray Serve app, 1 replica" + (" (direct ingress)" if direct else " (HTTP proxy)"),
+        "server": "skewless Ray Serve app, 1 replica"
+        + (" (HAProxy mode)" if haproxy else " (direct ingress)" if direct else " (HTTP proxy)"),
         "url": url,
         "batching": args,
         "sweep": sweep,
@@ -439,6 +443,7 @@ TARGETS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "baseline": run_baseline,
     "serve": run_serve,
     "serve_proxy": lambda ctx: run_serve(ctx, direct=False),
+    "serve_haproxy": lambda ctx: run_serve(ctx, haproxy=True),
 }
 
 

@@ -244,8 +244,12 @@ def run_tune(path: Path, progress: Progress = print) -> TrainOutcome:
         )
         selection = FINAL + tune_cfg.metric
         finished = [r for r in children if selection in r.data.metrics and Tag.MODEL_URI in r.data.tags]
+        # A trial ASHA stopped leaves its run RUNNING (its driver was killed) or, when the stop
+        # reached the driver first, FAILED (MLflow's end for a run an exception ends); with no
+        # trial in error, a FAILED run without a model can only be such a stop.
+        stopped = ("RUNNING", "FAILED") if results.num_errors == 0 else ("RUNNING",)
         for run in children:
-            if run not in finished and run.info.status == "RUNNING":  # ASHA stopped it: its driver was killed
+            if run not in finished and run.info.status in stopped:
                 mlflow.MlflowClient().set_terminated(run.info.run_id, "KILLED")
         if not finished:
             raise TrainingError(f"tune run {parent.info.run_id}: no trial finished with a model")
