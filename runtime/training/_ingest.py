@@ -4,8 +4,8 @@ memory and streaming.
 
 The driver never holds the dataset:
 
-- the files are read by Ray Data (Parquet in pieces of row groups, :func:`read_dataset`;
-  CSV with ``read_csv``), only the columns the job uses;
+- the files are read by Ray Data (Parquet in pieces of row groups, only the columns the
+  job uses, :func:`read_dataset`; CSV with ``read_csv``);
 - the train / validation / test split is a per-row function of the row's *content* and the
   seed (:func:`runtime.data.split_side`), so it needs no global shuffle or row index, is the
   same however the files are chunked or ordered, and sends duplicate rows to the same side
@@ -49,8 +49,8 @@ STAGE_BATCH_BYTES = 64 << 20  # at most about this much dense output per call
 
 
 def read_dataset(uri: str, fmt: str | None, columns: list[str] | None = None) -> ray.data.Dataset:
-    """The dataset as a lazy Ray Data ``Dataset`` (files in path order; nothing read yet),
-    with only ``columns`` when given.
+    """The dataset as a lazy Ray Data ``Dataset`` (files in path order; nothing read yet);
+    Parquet pieces read only ``columns`` when given.
 
     Parquet is read in pieces of whole row groups (:func:`runtime.data.plan_pieces`): one
     read task per piece, which Ray fuses with the split and the preprocessing after it, so a
@@ -76,7 +76,7 @@ def read_dataset(uri: str, fmt: str | None, columns: list[str] | None = None) ->
             ds = reader(files, filesystem=fs)
         finally:
             ctx.use_datasource_v2 = previous
-        return ds.select_columns(columns) if columns is not None else ds
+        return ds  # not projected: the split names a missing column better than Ray's projection
     except SkewlessError as exc:
         raise DataError(f"dataset {redact(uri)!r}: {exc}") from exc
     except Exception as exc:  # reading the schema/metadata fails eagerly for broken files
