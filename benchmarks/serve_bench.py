@@ -284,6 +284,7 @@ class BenchContext:
     bulk_rows: int
     torch_threads: int
     workdir: Path
+    serve_env: dict[str, str] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -339,31 +340,46 @@ def run_baseline(ctx: BenchContext) -> dict[str, Any]:
     return {"server": "fastapi+uvicorn, 1 worker", "url": url, "sweep": sweep, "bulk_inprocess": bulk}
 
 
-def run_serve(ctx: BenchContext, direct: bool = True, haproxy: bool = False) -> dict[str, Any]:
-    """The skewless Serve app (one replica, dynamic batching), reached through Ray Serve's
-    direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: the replica's own HTTP server,
-    no proxy hop); with ``direct=False``, through the stock HTTP proxy; with ``haproxy``,
-    through Serve's HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``: Serve runs an ``haproxy``
-    from ``PATH`` on the HTTP port, in front of the replicas' own servers).
+def run_serve(ctx: BenchContext, ingress: str = "shipped") -> dict[str, Any]:
+    """The skewless Serve app (one replica, dynamic batching), reached through one of Ray
+    Serve's ingress paths:
 
-    Starts a private local Ray instance in this process and shuts it down after.
+    - ``shipped``: what ``skewless demo`` and ``skewless serve deploy`` start,
+      ``runtime.serving.ingress_options`` (Serve's HAProxy mode: HAProxy on the HTTP port in front
+      of the replica's own HTTP server, with Ray's throughput-optimized settings);
+    - ``proxy``: Serve's stock Python HTTP proxy (what plain ``serve deploy`` starts);
+    - ``direct``: direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``), the load generator
+      addressing the replica's own port (Serve picks one in 30000-31000): no front at all, so
+      no balancing across replicas.
+
+    ``--serve-env`` adds to the Serve controller's environment in every mode. Starts a private
+    local Ray instance in this process and shuts it down after.
     """
     import httpx
     import ray
     from ray import serve
 
-    from runtime.serving import build_predictor_app, run_app
+    from runtime.config import ServeAppArgs
+    from runtime.serving import build_predictor_app, ingress_options, run_app
 
-    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if direct or haproxy else "0"  # read by Serve's processes
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if haproxy else "0"
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()
+    http = {"host": "127.0.0.1", "port": port}
+    env: dict[str, str] = {}
+    if ingress == "shipped":
+        env = dict((ingress_options(http) or {"runtime_env": {"env_vars": {}}})["runtime_env"]["env_vars"])
+    elif ingress == "direct":
+        env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+    env.update(ctx.serve_env)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options=http, controller_options={"runtime_env": {"env_vars": env}} if env else None)
+        defaults = ServeAppArgs.model_fields
         args = {
             "model_uri": str(ctx.model_dir),
-            "max_batch_size": int(os.environ.get("SKEWLESS_BENCH_MAX_BATCH", "32")),
-            "batch_wait_timeout_s": float(os.environ.get("SKEWLESS_BENCH_BATCH_WAIT_S", "0.002")),
+            "max_batch_size": int(os.environ.get("SKEWLESS_BENCH_MAX_BATCH", defaults["max_batch_size"].default)),
+            "batch_wait_timeout_s": float(
+                os.environ.get("SKEWLESS_BENCH_BATCH_WAIT_S", defaults["batch_wait_timeout_s"].default)
+            ),
             "max_body_bytes": 256 << 20,
             "max_instances": 1 << 20,
         }
@@ -387,7 +403,7 @@ def run_serve(ctx: BenchContext, direct: bool = True, haproxy: bool = False) -> 
                 pass
             time.sleep(0.2)
         replica_pid = int(health.json()["replica"]["pid"])
-        if direct and not haproxy:  # the replica's own HTTP server (Serve picks a port in 30000-31000)
+        if ingress == "direct":  # the replica's own HTTP server (Serve picks a port in 30000-31000)
             ports = [p for p in listening_ports(replica_pid) if 30000 <= p <= 31000]
             if not ports:
                 raise SystemExit(f"direct ingress: replica {replica_pid} listens on no port in 30000-31000")
@@ -407,13 +423,20 @@ def run_serve(ctx: BenchContext, direct: bool = True, haproxy: bool = False) -> 
         serve.shutdown()
         ray.shutdown()
     return {
-        "server": "skewless Ray Serve app, 1 replica"
-        + (" (HAProxy mode)" if haproxy else " (direct ingress)" if direct else " (HTTP proxy)"),
+        "server": f"skewless Ray Serve app, 1 replica ({INGRESS[ingress]})",
         "url": url,
+        "controller_env": env,
         "batching": args,
         "sweep": sweep,
         "bulk_arrow": arrow,
     }
+
+
+INGRESS = {
+    "shipped": "shipped: HAProxy mode, throughput-optimized",
+    "proxy": "Serve's HTTP proxy",
+    "direct": "direct ingress, no front",
+}
 
 
 def listening_ports(pid: int) -> list[int]:
@@ -442,10 +465,12 @@ def listening_ports(pid: int) -> list[int]:
 TARGETS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "baseline": run_baseline,
     "serve": run_serve,
-    "serve_proxy": lambda ctx: run_serve(ctx, direct=False),
-    "serve_haproxy": lambda ctx: run_serve(ctx, haproxy=True),
+    "serve_proxy": lambda ctx: run_serve(ctx, ingress="proxy"),
+    "serve_direct": lambda ctx: run_serve(ctx, ingress="direct"),
 }
 
+
+SERVE_TARGETS = [name for name in TARGETS if name != "baseline"]
 
 # --------------------------------------------------------------------------- report
 
@@ -493,10 +518,10 @@ def print_table(results: dict[str, Any]) -> None:
             )
     for r in results.get("ratios", []):
         print(
-            f"{r.get('target', 'serve')} / baseline at concurrency {r['concurrency']}: "
+            f"{r['target']} / baseline at concurrency {r['concurrency']}: "
             f"requests/s x{r['requests_per_s_ratio']:.2f}, p99 x{r['p99_ratio']:.2f}"
         )
-    for name in ("serve", "serve_proxy"):
+    for name in SERVE_TARGETS:
         arrow = results.get(name, {}).get("bulk_arrow")
         bulk = results.get("baseline", {}).get("bulk_inprocess")
         if arrow and bulk:
@@ -514,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-request", type=int, default=1)
     parser.add_argument("--bulk-rows", type=int, default=65_536)
     parser.add_argument("--torch-threads", type=int, default=1, help="In every server and the bulk baseline.")
+    parser.add_argument(
+        "--serve-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Add to the Serve controller's environment in every Serve target (e.g. RAY_SERVE_USE_GRPC_BY_DEFAULT=0).",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_bench.json"))
     args = parser.parse_args(argv)
 
@@ -528,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         bulk_rows=args.bulk_rows,
         torch_threads=args.torch_threads,
         workdir=workdir,
+        serve_env=dict(item.split("=", 1) for item in args.serve_env),
     )
     results: dict[str, Any] = {
         "benchmark": "serve",
@@ -542,9 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(TARGETS):
         print(f"running {name} ...", flush=True)
         results[name] = TARGETS[name](ctx)
-    results["ratios"] = ratios(results) + [
-        {**r, "target": "serve_proxy"} for r in ratios(results, target="serve_proxy")
-    ]
+    results["ratios"] = [{**r, "target": t} for t in SERVE_TARGETS for r in ratios(results, target=t)]
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

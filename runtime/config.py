@@ -61,7 +61,11 @@ class ServeAppArgs(StrictModel):
         default=32, ge=1, description="Most requests one model call serves (Ray Serve dynamic batching)."
     )
     batch_wait_timeout_s: float = Field(
-        default=0.002, ge=0.0, le=1.0, description="How long a batch waits to fill before the model runs."
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="How long a batch waits to fill before the model runs. 0: the model takes the requests "
+        "already queued (under load, those that arrived during the previous call), so a lone request never waits.",
     )
     api_key: str | None = Field(
         default=None,

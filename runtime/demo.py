@@ -65,7 +65,7 @@ def run_demo(
     from runtime.connect import connect
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
     from runtime.registry import skewless_home, tracking_uri
-    from runtime.serving import DEFAULT_API_KEY_ENV, build_predictor_app, check_parity, run_app
+    from runtime.serving import DEFAULT_API_KEY_ENV, build_predictor_app, check_parity, ingress_options, run_app
     from runtime.training import TrainJobConfig, run_training
 
     home = skewless_home()
@@ -93,7 +93,8 @@ def run_demo(
     route = f"/{model_name}"
     endpoint = f"http://127.0.0.1:{port}{route}"
     progress(f"[3/5] deploying {model_uri} on Ray Serve at {endpoint}")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    http = {"host": "127.0.0.1", "port": port}
+    serve.start(http_options=http, controller_options=ingress_options(http))  # HAProxy in front
     # With $SKEWLESS_API_KEY set, the demo's endpoint requires it (and the parity check sends it).
     api_key = os.environ.get(DEFAULT_API_KEY_ENV) or None
     app_args = {"model_uri": model_uri} | ({"api_key_env": DEFAULT_API_KEY_ENV} if api_key else {})

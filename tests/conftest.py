@@ -52,6 +52,38 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def listeners() -> list[tuple[int, str, str, int]]:
+    """Every listening TCP socket on this machine that a process here owns, as
+    (pid, process name, host, port), from /proc (Linux)."""
+    import ipaddress
+
+    sockets: dict[str, tuple[str, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            hexhost, hexport = fields[1].rsplit(":", 1)
+            raw = bytes.fromhex(hexhost)
+            # /proc prints each 32-bit word in host (little-endian) order
+            host = str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))))
+            sockets[fields[9]] = (host, int(hexport, 16))
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            name = (proc / "comm").read_text().strip()
+            links = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except OSError:  # gone, or not ours
+            continue
+        for link in links:
+            inode = link[8:-1] if link.startswith("socket:[") else ""
+            if inode in sockets:
+                found.append((int(proc.name), name, *sockets[inode]))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,8 +116,11 @@ def ray_session() -> Iterator[Any]:
 def serve_port(ray_session: Any) -> int:
     from ray import serve
 
+    from runtime.serving import ingress_options
+
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    http = {"host": "127.0.0.1", "port": port}
+    serve.start(http_options=http, controller_options=ingress_options(http))  # the shipped path: HAProxy mode
     return port
 
 

@@ -97,18 +97,36 @@ def run_app(app: Any, name: str, route_prefix: str) -> None:
 
 def deploy_config(path: Path, address: str | None = None) -> tuple[str, list[str]]:
     """Deploy the applications in ``path`` to the cluster whose dashboard is ``address``
-    (default: ``RAY_ADDRESS``, else the local one). Returns the address and the app names."""
+    (default: ``RAY_ADDRESS``, else the local one). Returns the address and the app names.
+
+    On a cluster on this machine, a config without ``controller_options`` gets those of
+    :func:`~runtime.serving.ingress_options` (HAProxy in front, every listener on the HTTP
+    host): they take effect if this deploy starts Serve. A remote cluster's mode is its own.
+    """
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     from runtime.connect import dashboard_address
+    from runtime.serving._ingress import ingress_options
 
     address = dashboard_address(address)
     config = read_yaml(path, "Serve config")
     schema = validate_serve_config(config, str(path))
+    body = schema.model_dump(exclude_unset=True)
+    if "controller_options" not in body and _is_local(address):
+        options = ingress_options(schema.http_options.model_dump())
+        if options is not None:
+            body["controller_options"] = options
     try:
-        ServeSubmissionClient(address).deploy_applications(schema.model_dump(exclude_unset=True))
+        ServeSubmissionClient(address).deploy_applications(body)
     except Exception as exc:  # connection refused, auth, HTTP errors
         raise ServingError(
             f"cannot deploy to {redact(address)}: {redact(str(exc))}. Is a cluster running (`ray start --head`)?"
         ) from exc
     return address, [app.name for app in schema.applications]
+
+
+def _is_local(address: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address if "://" in address else f"http://{address}").hostname
+    return host in ("127.0.0.1", "localhost", "::1")

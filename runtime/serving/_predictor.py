@@ -351,7 +351,7 @@ class Predictor:
     def _decode_and_predict(self, content_type: str | None, body: bytes) -> Any:
         return self._predict(self._decode(content_type, body))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _batched_predict(self, tables: list[pa.Table]) -> list[tuple[Any, int]]:
         """One model call for the rows of many requests; each gets its slice (or its error)
         and the number of requests that shared the call."""

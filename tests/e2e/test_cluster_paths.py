@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port, subprocess_env, wait_for_condition
+from tests.conftest import free_port, listeners, subprocess_env, wait_for_condition
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +109,8 @@ def test_ray_job_submit_then_serve_deploy(cluster: Cluster, tmp_path: Path) -> N
     config["applications"][0]["args"]["model_uri"] = "models:/churn@champion"
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    deployed = _run([str(BIN / "serve"), "deploy", str(path), "--address", cluster.dashboard], env)
+    # `skewless serve deploy` starts Serve the shipped way: HAProxy in front, on 127.0.0.1 only
+    deployed = _run([str(BIN / "skewless"), "serve", "deploy", str(path), "--address", cluster.dashboard], env)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
     endpoint = f"http://127.0.0.1:{port}/churn-demo"
@@ -117,6 +118,13 @@ def test_ray_job_submit_then_serve_deploy(cluster: Cluster, tmp_path: Path) -> N
         lambda: httpx.get(f"{endpoint}/healthz", timeout=5).json(), timeout=180, message="serve deploy healthz"
     )
     assert health["model"]["name"] == "churn"
+    found = listeners()
+    assert [(name, host) for _, name, host, p in found if p == port] == [("haproxy", "127.0.0.1")], found
+    assert all(host == "127.0.0.1" for _, name, host, _ in found if name == "haproxy"), found
+    # Ray's own `serve deploy` of the same file updates the running apps (Serve keeps its mode)
+    redeployed = _run([str(BIN / "serve"), "deploy", str(path), "--address", cluster.dashboard], env)
+    assert redeployed.returncode == 0, redeployed.stdout + redeployed.stderr
+    assert httpx.get(f"{endpoint}/healthz", timeout=5).status_code == 200
     row = {
         "age": 40.0,
         "income": 76912.85,

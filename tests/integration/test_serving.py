@@ -417,3 +417,35 @@ def test_model_update_under_steady_load_drops_nothing(
     failed = {k: v for k, v in seen.items() if k[0] != 200}
     assert not failed, failed
     assert seen[(200, str(models[0]))] > 0 and seen[(200, str(models[1]))] > 0
+
+
+def test_the_shipped_ingress_is_haproxy_with_every_listener_on_loopback(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    """The session's Serve starts as the demo and `skewless serve deploy` start it: Ray's
+    HAProxy mode in front of the replicas' own HTTP servers. Ray 2.60 binds HAProxy's stats page
+    and Prometheus exporter on all interfaces; skewless's launcher moves them to 127.0.0.1."""
+    from tests.conftest import listeners
+
+    endpoint = _deploy("ingress", serve_clean, {"model_uri": str(models[0])}, num_replicas=2)
+    body = json.dumps({"instances": _raw(data).slice(0, 3).to_pylist()})
+    for _ in range(4):  # both replicas, through the front
+        answer = httpx.post(f"{endpoint}/predict", content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 3
+    found = listeners()
+    front = [(name, host) for _, name, host, port in found if port == serve_clean]
+    assert front == [("haproxy", "127.0.0.1")], front
+    haproxy_pids = {pid for pid, name, *_ in found if name == "haproxy"}
+    served = [(host, port) for pid, _, host, port in found if pid in haproxy_pids]
+    assert len(served) >= 3, served  # the front, the stats page, the exporter
+    assert all(host == "127.0.0.1" for host, _ in served), served
+    replicas = [
+        (host, port) for _, name, host, port in found if name.startswith("ray::ServeRepli") and 30000 <= port <= 31000
+    ]
+    assert len(replicas) == 2 and all(host == "127.0.0.1" for host, _ in replicas), replicas
+    # HAProxy's admin socket (mode 666, level admin) is in a private directory, not /tmp/haproxy-serve
+    from runtime.serving import ingress_state_dir
+
+    state = ingress_state_dir(serve_clean)
+    assert oct(state.stat().st_mode & 0o777) == "0o700"
+    assert list(state.rglob("admin.sock")), sorted(p.name for p in state.rglob("*"))

