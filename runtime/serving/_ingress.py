@@ -10,15 +10,21 @@ one skewless starts Serve with (:func:`ingress_options`), together with Ray's
 ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` bundle (user code on the replica's main loop, buffered request
 logs, the garbage collector frozen after start).
 
-Two things in Ray 2.60's HAProxy mode would break the security defaults, and are fixed here:
+Four things in Ray 2.60's HAProxy mode would break the security defaults or a second instance
+on the machine, and are fixed here:
 
 - its generated config binds HAProxy's stats page (``*:8404``) and Prometheus exporter
   (``:9101``) on all interfaces, with no setting to change the host. ``RAY_SERVE_HAPROXY_BINARY_PATH``
   points at a small launcher (written by :func:`ingress_options`) that rewrites those two binds
   to the HTTP front's own host (``http_options.host``, 127.0.0.1 by default) and then execs
   Ray's ``haproxy`` with the same arguments. A front bound to all interfaces is left as is.
+- those two ports are fixed, so a second Serve instance on the machine (a test cluster beside a
+  development one) fails to start its HAProxy: each instance gets free ports instead.
 - its admin socket (``mode 666 level admin``) and config live under ``/tmp/haproxy-serve``:
   they go to a private (0700) directory of this user instead (:func:`state_dir`).
+- an HAProxy started by a reload outlives its cluster after ``ray stop --force`` (its parent,
+  Serve's HAProxy manager actor, is killed and nothing stops it), holding its ports: the
+  launcher asks the kernel to SIGTERM HAProxy when its parent dies (``PR_SET_PDEATHSIG``).
 
 Serve's options reach its controller through ``controller_options.runtime_env.env_vars``
 (Ray's own field, honoured by ``serve.start``, ``serve run`` and ``serve deploy``; replicas
@@ -73,7 +79,9 @@ def _launcher_source(binary: str) -> str:
             '"""Written by skewless (runtime/serving/_ingress.py) for Ray Serve\'s HAProxy mode, which binds',
             "its stats page and Prometheus exporter on all interfaces: move them to the host of the HTTP",
             'front, then run Ray\'s haproxy with the same arguments."""',
+            "import ctypes",
             "import os",
+            "import signal",
             "import sys",
             "",
             "",
@@ -90,10 +98,25 @@ def _launcher_source(binary: str) -> str:
             '        with open(tmp, "w") as f:',
             "            f.write(moved)",
             "        os.replace(tmp, path)",
+            "# HAProxy dies with the Serve actor that started it, even one killed by `ray stop --force`",
+            "# (a reloaded HAProxy otherwise outlives its cluster, holding its ports).",
+            "try:",
+            "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG",
+            "except (OSError, AttributeError):  # not Linux",
+            "    pass",
             f"os.execv({binary!r}, [{binary!r}, *args])",
             "",
         ]
     )
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host if host not in ("0.0.0.0", "::") else "127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _haproxy_binary() -> str | None:
@@ -149,6 +172,9 @@ def ingress_options(http_options: dict[str, Any]) -> dict[str, Any] | None:
     os.chmod(tmp, 0o700)
     os.replace(tmp, launcher)
     env = {
+        # Ray's fixed defaults (8404, 9101) would collide between two Serve instances on a machine
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(http_options.get("host") or "127.0.0.1")),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(http_options.get("host") or "127.0.0.1")),
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(launcher),

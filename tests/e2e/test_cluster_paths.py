@@ -71,6 +71,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(address, env, home)
     finally:
         _run([str(BIN / "ray"), "stop", "--force"], env, timeout=120)
+        # nothing of Serve's lives on: an HAProxy whose parent died is an orphan (parent: init)
+        wait_for_condition(lambda: not _orphaned_haproxy(), timeout=20, message="no orphaned haproxy")
+
+
+def _orphaned_haproxy() -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and (proc / "comm").read_text().strip() == "haproxy"
+                and (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] == "1"
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_ray_job_submit_then_serve_deploy(cluster: Cluster, tmp_path: Path) -> None:

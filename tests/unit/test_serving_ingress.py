@@ -87,3 +87,43 @@ def test_a_state_dir_someone_else_could_write_is_refused() -> None:
             ingress_state_dir(port)
     finally:
         path.rmdir()
+
+
+def test_haproxy_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """`ray stop --force` SIGKILLs Serve's HAProxy manager; the HAProxy it started must not live on."""
+    import signal
+    import sys
+    import time
+
+    from tests.conftest import listeners, wait_for_condition
+
+    port = free_port()
+    options = ingress_options({"host": "127.0.0.1", "port": port})
+    assert options is not None
+    launcher = options["runtime_env"]["env_vars"]["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "global\n    maxconn 16\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 5s\n"
+        f"    timeout server 5s\nfrontend http_frontend\n    bind 127.0.0.1:{port}\n"
+        '    http-request return status 200 content-type text/plain string "ok"\n'
+    )
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, time; subprocess.Popen([{launcher!r}, '-db', '-f', {str(config)!r}]); time.sleep(120)",
+        ]
+    )
+    try:
+        wait_for_condition(lambda: any(p == port and n == "haproxy" for _, n, _, p in listeners()), timeout=30)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        t0 = time.monotonic()
+        wait_for_condition(lambda: not any(p == port for _, _, _, p in listeners()), timeout=10, message="haproxy gone")
+        assert time.monotonic() - t0 < 10
+    finally:
+        parent.kill()
+        for pid, name, _, p in listeners():
+            if p == port and name == "haproxy":
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ingress_state_dir(port), ignore_errors=True)
