@@ -18,7 +18,9 @@ rule and the fix.
     ├── ClusterError                 a Ray cluster or its Jobs API cannot be reached or refused
     ├── RegistryError                MLflow tracking / model registry problems
     │   ├── ModelNotFoundError       no such model, version or alias
-    │   └── ArtifactIntegrityError   an artifact's sha256 does not match its manifest
+    │   ├── ArtifactIntegrityError   an artifact's sha256 does not match its manifest
+    │   ├── AliasConflictError       an alias no longer points where the mover expected
+    │   └── AliasLockTimeoutError    another alias move held the model's lock too long
     ├── ServingError                 a Serve application cannot be built or deployed
     └── GpuError                     a GPU that was there cannot be read (NVML call failed)
 """
@@ -28,6 +30,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AliasConflictError",
+    "AliasLockTimeoutError",
     "ArtifactIntegrityError",
     "ClusterError",
     "ConfigError",
@@ -130,6 +134,31 @@ class ModelNotFoundError(RegistryError):
 
 class ArtifactIntegrityError(RegistryError):
     """A model artifact's sha256 does not match the manifest written at training time."""
+
+
+class AliasConflictError(RegistryError):
+    """An alias points somewhere else than the mover expected (None: unset); nothing moved."""
+
+    def __init__(self, model: str, alias: str, current: str | None, expected: str | None) -> None:
+        self.model = model
+        self.alias = alias
+        self.current = current
+        self.expected = expected
+
+        def where(version: str | None) -> str:
+            return "nowhere (unset)" if version is None else f"version {version}"
+
+        super().__init__(
+            f"alias {alias!r} of model {model!r} points to {where(current)}, not to {where(expected)} as "
+            "expected: it moved meanwhile (another training, a rollback); re-read the alias and decide again"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # survives pickling (raised in Ray tasks)
+        return (type(self), (self.model, self.alias, self.current, self.expected))
+
+
+class AliasLockTimeoutError(RegistryError):
+    """Another alias move held the model's lock past the wait; the message names the holder."""
 
 
 class ServingError(SkewlessError):

@@ -1,5 +1,6 @@
 """MLflow: the embedded store, lineage, model packaging, verification, registration, aliases."""
 
+from runtime.registry._aliases import AliasMove, alias_history, lock_name, move_alias
 from runtime.registry._lineage import (
     GitInfo,
     Lineage,
@@ -48,6 +49,7 @@ __all__ = [
     "MANIFEST",
     "MANIFEST_TAG",
     "PRECISION_BYTES",
+    "AliasMove",
     "GitInfo",
     "HostStaging",
     "Lineage",
@@ -58,6 +60,7 @@ __all__ = [
     "RunLogger",
     "Tag",
     "VerifiedModel",
+    "alias_history",
     "configure_mlflow",
     "current_champion",
     "download",
@@ -69,9 +72,11 @@ __all__ = [
     "load",
     "load_model_dir",
     "load_pyfunc",
+    "lock_name",
     "log_pyfunc_model",
     "model_json",
     "model_lineage",
+    "move_alias",
     "register",
     "resolve",
     "set_alias",

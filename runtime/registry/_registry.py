@@ -140,6 +140,9 @@ def register(model_uri: str, name: str, tags: dict[str, str] | None = None) -> M
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version`` unconditionally, unrecorded: prefer
+    :func:`~runtime.registry.move_alias`, which moves it only from where the caller expects
+    and keeps a history. For aliases whose last writer may win (``candidate``)."""
     import mlflow
 
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version)

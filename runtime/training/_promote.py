@@ -11,7 +11,13 @@ from typing import Any
 import pyarrow as pa
 
 from runtime import registry
-from runtime.errors import ArtifactIntegrityError, FingerprintMismatchError, RegistryError, SkewlessError
+from runtime.errors import (
+    AliasConflictError,
+    ArtifactIntegrityError,
+    FingerprintMismatchError,
+    RegistryError,
+    SkewlessError,
+)
 from runtime.registry import Tag
 from runtime.tasks import Metric, task_for
 from runtime.training._config import TrainJobConfig
@@ -74,7 +80,9 @@ def _maybe_promote(
     metric: Metric,
     progress: Progress,
 ) -> tuple[bool, str]:
-    """Move ``champion`` to the new version when it beats the current one on this holdout."""
+    """Move ``champion`` to the new version when it beats the current one on this holdout, and
+    only if ``champion`` still points where it did when the decision was made (a concurrent
+    promotion or a rollback meanwhile wins over this run)."""
     name = cfg.registry.model_name
     champion = registry.current_champion(name)
     new = metrics[metric.name]
@@ -110,7 +118,11 @@ def _maybe_promote(
         decision = f"champion: beats v{champion.version} ({metric.name} {new:.4f} vs {old:.4f}, {basis})"
     if not cfg.registry.promote:
         return False, decision.replace("champion:", "would be champion (promote: false):")
-    registry.set_alias(name, registry.CHAMPION, ref.version)
+    expected = champion.version if champion is not None else None
+    try:
+        registry.move_alias(name, registry.CHAMPION, ref.version, expected=expected, reason=decision)
+    except AliasConflictError as exc:
+        return False, f"kept champion: {exc}"
     return True, decision
 
 
