@@ -55,6 +55,13 @@ class ServeAppArgs(StrictModel):
         default=False,
         description="Load even when the installed preprocessing code differs (logged loudly).",
     )
+    inject_error_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fault injection: answer this share of predictions with a 500 (to rehearse a rollback "
+        "or an alert). Logged at start; 0 in production.",
+    )
     max_instances: int = Field(default=10_000, ge=1, description="Most instances in one request.")
     max_body_bytes: int = Field(default=10 << 20, ge=1024, description="Largest request body accepted (413 above).")
     max_batch_size: int = Field(

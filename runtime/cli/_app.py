@@ -178,6 +178,156 @@ def serve_deploy(
     console.print(f"submitted {', '.join(names)} to {redact(used)}; check with `serve status`")
 
 
+rollout_app = typer.Typer(
+    help="Canary with automated analysis, sticky A/B and shadow rollouts of a registered model on Ray Serve.",
+    no_args_is_help=True,
+)
+serve_app.add_typer(rollout_app, name="rollout")
+SPEC_HELP = "Rollout spec YAML (see the README's 'Rollouts' section)."
+
+
+def _rollout_spec(path: Path) -> Any:
+    from runtime.config import load_config
+    from runtime.serving import RolloutSpec
+
+    return load_config(RolloutSpec, path, name=str(path))
+
+
+@rollout_app.command("start")
+def rollout_start(
+    spec: Annotated[Path, typer.Argument(help=SPEC_HELP)],
+    window: Annotated[float | None, typer.Option(help="Override analysis.window_s (seconds).")] = None,
+) -> None:
+    """Deploy the router in front of baseline and candidate and run the rollout to its verdict.
+
+    Example: skewless serve rollout start serve_apps/rollouts/churn.yaml
+    Exit code 0 when promoted or passed, 3 when rolled back or aborted.
+    """
+    _run_strategy(spec, _rollout_spec(spec).strategy, window)
+
+
+def _run_strategy(spec: Path, strategy: str, window: float | None) -> None:
+    from runtime.serving import run_rollout
+
+    loaded = _rollout_spec(spec).model_copy(update={"strategy": strategy})
+    if window is not None:
+        loaded = loaded.model_copy(update={"analysis": loaded.analysis.model_copy(update={"window_s": window})})
+    loaded = type(loaded).model_validate(loaded.model_dump())  # the strategy's own rules
+    result = run_rollout(loaded, progress=_progress)
+    colour = "green" if result.outcome in ("promoted", "passed") else "red"
+    console.print(f"[{colour}]{result.outcome}[/]: {result.reason}")
+    console.print(f"report: {result.report}")
+    if result.outcome not in ("promoted", "passed"):
+        raise typer.Exit(3)
+
+
+@rollout_app.command("shadow")
+def rollout_shadow(
+    spec: Annotated[Path, typer.Argument(help=SPEC_HELP)],
+    window: Annotated[float | None, typer.Option(help="Override analysis.window_s (seconds).")] = None,
+) -> None:
+    """Mirror live traffic to the candidate (never answered from it) and judge its disagreement.
+
+    Example: skewless serve rollout shadow serve_apps/rollouts/churn.yaml
+    Moves champion only with promote_on_pass: true. Exit 0 when it passed, 3 otherwise.
+    """
+    _run_strategy(spec, "shadow", window)
+
+
+@rollout_app.command("ab")
+def rollout_ab(
+    spec: Annotated[Path, typer.Argument(help=SPEC_HELP)],
+    window: Annotated[float | None, typer.Option(help="Override analysis.window_s (seconds).")] = None,
+) -> None:
+    """Sticky A/B: keys in the sticky header (x-skewless-key) split `split`% to the candidate, judged per window.
+
+    Example: skewless serve rollout ab serve_apps/rollouts/churn.yaml --window 300
+    Moves champion only with promote_on_pass: true. Exit 0 when it passed, 3 otherwise.
+    """
+    _run_strategy(spec, "ab", window)
+
+
+@rollout_app.command("status")
+def rollout_status_cmd(
+    spec: Annotated[Path, typer.Argument(help=SPEC_HELP)],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
+) -> None:
+    """The rollout's step, weights, the judge's figures and the verdict so far.
+
+    Example: skewless serve rollout status serve_apps/rollouts/churn.yaml --json
+    """
+    import json
+
+    from rich.table import Table
+
+    from runtime.serving import rollout_status
+
+    state = rollout_status(_rollout_spec(spec).app)
+    if json_out:
+        console.print_json(json.dumps(state, default=str))
+        return
+    config = state.get("config", {})
+    console.print(
+        f"[bold]{state.get('status')}[/] {state.get('strategy')} of {state.get('model')}: "
+        f"baseline v{state.get('baseline')}, candidate v{state.get('candidate')} at {state.get('endpoint')}"
+    )
+    console.print(
+        f"weights {config.get('weights')}; shadow {config.get('shadow')}; reason: {state.get('reason') or '-'}"
+    )
+    table = Table("window", "candidate %", "verdict", "baseline req/err%/p99", "candidate req/err%/p99", "checks")
+    for i, w in enumerate(state.get("windows", [])):
+        b, c = w["baseline"], w["candidate"]
+        checks = ", ".join(f"{k}={v:.3g}" for k, v in w["checks"].items() if v is not None)
+        table.add_row(
+            str(i + 1),
+            f"{w['weight']:g}",
+            w["outcome"],
+            f"{b['requests']:.0f}/{100 * b['error_rate']:.2f}/{b['p99_ms']:.1f}",
+            f"{c['requests']:.0f}/{100 * c['error_rate']:.2f}/{c['p99_ms']:.1f}",
+            checks,
+        )
+    console.print(table)
+
+
+@rollout_app.command("promote")
+def rollout_promote(
+    spec: Annotated[Path, typer.Argument(help=SPEC_HELP)],
+    reason: Annotated[str, typer.Option(help="Recorded in the alias history.")] = "promoted by the operator",
+) -> None:
+    """Move all traffic and champion to the candidate now (compare-and-swap from the baseline).
+
+    Example: skewless serve rollout promote serve_apps/rollouts/churn.yaml --reason "looks good"
+    """
+    from runtime.serving import promote_rollout
+
+    promote_rollout(_rollout_spec(spec), reason, progress=_progress)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(
+    spec: Annotated[Path, typer.Argument(help=SPEC_HELP)],
+    reason: Annotated[str, typer.Option(help="Recorded in the alias history.")] = "rolled back by the operator",
+) -> None:
+    """Return all traffic (and champion, if it moved) to the baseline.
+
+    Example: skewless serve rollout rollback serve_apps/rollouts/churn.yaml
+    """
+    from runtime.serving import rollback_rollout
+
+    rollback_rollout(_rollout_spec(spec), reason, progress=_progress)
+
+
+@rollout_app.command("abort")
+def rollout_abort(spec: Annotated[Path, typer.Argument(help=SPEC_HELP)]) -> None:
+    """Stop the analysis and return traffic to the baseline, leaving the alias where it is.
+
+    Example: skewless serve rollout abort serve_apps/rollouts/churn.yaml
+    """
+    from runtime.serving import abort_rollout
+
+    abort_rollout(_rollout_spec(spec), progress=_progress)
+
+
 @models_app.command("lineage")
 def models_lineage(
     model_uri: Annotated[str, typer.Argument(help="models:/<name>@<alias> or models:/<name>/<version>")],
@@ -192,6 +342,31 @@ def models_lineage(
     table = Table(show_header=False, box=None, pad_edge=False)
     for what, value in lineage.rows():
         table.add_row(f"[bold]{what}[/]", value)
+    console.print(table)
+
+
+@models_app.command("history")
+def models_history(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    alias: Annotated[str | None, typer.Option(help="Only this alias (e.g. champion).")] = None,
+) -> None:
+    """Every recorded alias move of a model: from, to, who, when and why.
+
+    Example: skewless models history churn-demo --alias champion
+    """
+    import time
+
+    from rich.table import Table
+
+    from runtime.registry import alias_history, configure_mlflow
+
+    configure_mlflow()
+    table = Table("#", "when (UTC)", "alias", "from", "to", "who", "why")
+    for move in alias_history(name, alias):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(move.at))
+        table.add_row(
+            str(move.seq), when, move.alias, move.from_version or "-", move.to_version, move.actor, move.reason
+        )
     console.print(table)
 
 

@@ -3,11 +3,26 @@
 from runtime.serving._auth import DEFAULT_API_KEY_ENV, ApiKeyAuth
 from runtime.serving._codec import ARROW_STREAM, JSON, HttpError, decode_request, encode_response, is_arrow
 from runtime.serving._deploy import deploy_config, run_app, validate_serve_config
-from runtime.serving._ingress import ingress_options, loopback_binds
+from runtime.serving._ingress import buffered_requests, ingress_options, loopback_binds
 from runtime.serving._ingress import state_dir as ingress_state_dir
+from runtime.serving._judge import ArmWindow, Check, Disagreement, JudgeThresholds, Verdict, judge, window_metrics
 from runtime.serving._metrics import MAX_LABEL_VALUES, ServingMetrics, exported_names, feature_buckets
 from runtime.serving._parity import ParityReport, check_parity
-from runtime.serving._predictor import Predictor, build_predictor_app
+from runtime.serving._predictor import Answer, Predictor, build_predictor_app, pin
+from runtime.serving._rollout import (
+    AnalysisSpec,
+    RolloutResult,
+    RolloutSpec,
+    ShadowSpec,
+    abort_rollout,
+    deploy_rollout,
+    promote_rollout,
+    report_markdown,
+    rollback_rollout,
+    rollout_status,
+    run_rollout,
+)
+from runtime.serving._router import ROLLOUT_METRICS, RolloutControl, Router, control_actor, pick_arm, stable_unit
 from runtime.serving._routes import ROUTES, HealthRoute, PredictRoute, Route
 
 __all__ = [
@@ -15,26 +30,53 @@ __all__ = [
     "DEFAULT_API_KEY_ENV",
     "JSON",
     "MAX_LABEL_VALUES",
+    "ROLLOUT_METRICS",
     "ROUTES",
+    "AnalysisSpec",
+    "Answer",
     "ApiKeyAuth",
+    "ArmWindow",
+    "Check",
+    "Disagreement",
     "HealthRoute",
     "HttpError",
+    "JudgeThresholds",
     "ParityReport",
     "PredictRoute",
     "Predictor",
+    "RolloutControl",
+    "RolloutResult",
+    "RolloutSpec",
     "Route",
+    "Router",
     "ServingMetrics",
+    "ShadowSpec",
+    "Verdict",
+    "abort_rollout",
+    "buffered_requests",
     "build_predictor_app",
     "check_parity",
+    "control_actor",
     "decode_request",
     "deploy_config",
+    "deploy_rollout",
     "encode_response",
     "exported_names",
     "feature_buckets",
     "ingress_options",
     "ingress_state_dir",
     "is_arrow",
+    "judge",
     "loopback_binds",
+    "pick_arm",
+    "pin",
+    "promote_rollout",
+    "report_markdown",
+    "rollback_rollout",
+    "rollout_status",
     "run_app",
+    "run_rollout",
+    "stable_unit",
     "validate_serve_config",
+    "window_metrics",
 ]

@@ -33,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -64,6 +66,53 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+SUMMARY_ROWS = 256  # rows of each answer a router compares (shadow disagreement, divergence)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A predictor's answer to one ``POST /predict`` body, as a router in front receives it."""
+
+    status: int
+    body: bytes
+    media_type: str
+    headers: dict[str, str]
+    labels: list[Any] | None = None  # the first SUMMARY_ROWS predictions
+    probabilities: list[list[float]] | None = None  # and their class probabilities
+
+
+def _summary(preds: Any) -> tuple[list[Any], list[list[float]] | None]:
+    labels = list(preds.values[:SUMMARY_ROWS])
+    probs = None if preds.probabilities is None else preds.probabilities[:SUMMARY_ROWS].tolist()
+    return labels, probs
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes (chunked bodies too); a larger one is a 413.
+
+    The rest of an oversized body is read and dropped (up to ``DRAIN_BYTES``) before the
+    answer: a client that sends its whole body before reading (Python's urllib, most
+    others) would otherwise see the connection reset instead of the 413.
+    """
+    declared = request.headers.get("content-length")
+    size = int(declared) if declared and declared.isdigit() else 0
+    parts: list[bytes] = []
+    over = size > limit
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            over = True
+        if over:
+            if received > DRAIN_BYTES:
+                break  # past this, the connection may be cut: the client is told nothing more
+            continue
+        parts.append(chunk)
+    if over:
+        raise HttpError(413, "body", max(size, received), f"request body at most {limit} bytes")
+    return b"".join(parts)
 
 
 def _error_response(err: HttpError) -> Response:
@@ -114,6 +163,8 @@ class Predictor:
             self.startup["warmup_s"],
             "; API key required" if self.auth.enabled else "",
         )
+        if self.args.inject_error_rate:
+            logger.warning("FAULT INJECTION: %.1f%% of predictions answer 500", 100 * self.args.inject_error_rate)
 
     # ------------------------------------------------------------------ the device
 
@@ -285,10 +336,34 @@ class Predictor:
 
     async def predict(self, request: Request) -> Response:
         """``POST /predict`` (see the module docstring); the route table checked method and key."""
-        body = await self._read_body(request)
-        content_type = request.headers.get("content-type")
+        body = await read_body(request, self.args.max_body_bytes)
+        out, media, headers, _ = await self._predict_body(request.headers.get("content-type"), body)
+        return Response(out, media_type=media, headers=headers)
+
+    async def answer(self, content_type: str | None, body: bytes) -> Answer:
+        """``POST /predict``'s answer for a router in front (a ``DeploymentHandle`` call, no HTTP):
+        the body, status and headers it would send, and the first rows' predictions for the
+        router's comparisons. Bad input is an answer (a 4xx), never an exception."""
+        t0 = time.perf_counter()
+        try:
+            if len(body) > self.args.max_body_bytes:
+                raise HttpError(413, "body", len(body), f"request body at most {self.args.max_body_bytes} bytes")
+            out, media, headers, preds = await self._predict_body(content_type, body)
+            answer = Answer(200, out, media, headers, *_summary(preds))
+        except HttpError as err:
+            answer = Answer(err.status, err.body(), "application/json", dict(err.headers))
+        except Exception:  # a bug of ours: log it, answer 500 (the router counts it against this arm)
+            logger.exception("unexpected error answering a routed request")
+            answer = Answer(500, b'{"error":{"rule":"internal error; see the replica log"}}', "application/json", {})
+        if self.metrics is not None:
+            self.metrics.observe_request("/predict", answer.status, time.perf_counter() - t0)
+        return answer
+
+    async def _predict_body(self, content_type: str | None, body: bytes) -> tuple[bytes, str, dict[str, str], Any]:
+        if self.args.inject_error_rate and random.random() < self.args.inject_error_rate:
+            raise HttpError(500, None, None, f"injected error (inject_error_rate {self.args.inject_error_rate:g})")
         arrow = is_arrow(content_type)
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = {"x-skewless-model-version": str(self.identity["version"])}
         if arrow:  # bulk: decode, transform and predict off the event loop
             preds = await asyncio.to_thread(self._decode_and_predict, content_type, body)
         else:  # a large body is parsed off the event loop, so other requests keep moving
@@ -301,33 +376,7 @@ class Predictor:
                 raise preds
             headers["x-skewless-batch-requests"] = str(batched)
         out, media = encode_response(preds, self.identity, arrow=arrow)
-        return Response(out, media_type=media, headers=headers)
-
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, at most ``max_body_bytes`` (chunked bodies too); a larger one is a 413.
-
-        The rest of an oversized body is read and dropped (up to ``DRAIN_BYTES``) before the
-        answer: a client that sends its whole body before reading (Python's urllib, most
-        others) would otherwise see the connection reset instead of the 413.
-        """
-        limit = self.args.max_body_bytes
-        declared = request.headers.get("content-length")
-        size = int(declared) if declared and declared.isdigit() else 0
-        parts: list[bytes] = []
-        over = size > limit
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                over = True
-            if over:
-                if received > DRAIN_BYTES:
-                    break  # past this, the connection may be cut: the client is told nothing more
-                continue
-            parts.append(chunk)
-        if over:
-            raise HttpError(413, "body", max(size, received), f"request body at most {limit} bytes")
-        return b"".join(parts)
+        return out, media, headers, preds
 
     def _decode(self, content_type: str | None, body: bytes) -> pa.Table:
         return decode_request(
@@ -392,7 +441,24 @@ def build_predictor_app(args: dict[str, Any], options: dict[str, Any] | None = N
     ``options`` are Serve deployment options (``num_replicas``, ``autoscaling_config``,
     ``max_queued_requests``, ``ray_actor_options`` ...) for code that does not use a config file.
     """
-    validated = load_config(ServeAppArgs, dict(args))
+    validated = pin(load_config(ServeAppArgs, dict(args)))
     deployment: Any = Predictor.options(**options) if options else Predictor  # type: ignore[attr-defined]
     app: serve.Application = deployment.bind(validated.model_dump())
     return app
+
+
+def pin(args: ServeAppArgs) -> ServeAppArgs:
+    """``args`` with a ``models:/<name>@<alias>`` resolved, now, to ``models:/<name>/<version>``.
+
+    An application is built once per deploy (``serve.run``, ``serve deploy``), so every replica
+    of the deployment (started now, by the autoscaler later, or replacing a dead one) loads the
+    same version; moving the alias changes nothing until the next deploy. A local model
+    directory or an explicit version is left as it is.
+    """
+    if not args.model_uri.startswith("models:/") or "@" not in args.model_uri:
+        return args
+    from runtime import registry
+
+    ref = registry.resolve(args.model_uri)
+    logger.info("pinned %s to %s", args.model_uri, ref.uri)
+    return args.model_copy(update={"model_uri": ref.uri})

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -29,6 +29,7 @@ class Cluster:
     dashboard: str
     env: dict[str, str]
     home: Path
+    serve: dict[str, int] = field(default_factory=dict)  # the Serve HTTP port, once a test started it
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -131,6 +132,7 @@ def test_ray_job_submit_then_serve_deploy(cluster: Cluster, tmp_path: Path) -> N
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
     endpoint = f"http://127.0.0.1:{port}/churn-demo"
+    cluster.serve["port"] = port
     health = wait_for_condition(
         lambda: httpx.get(f"{endpoint}/healthz", timeout=5).json(), timeout=180, message="serve deploy healthz"
     )
@@ -205,3 +207,82 @@ def test_skewless_train_submit_lineage_and_reproduce(cluster: Cluster) -> None:
     assert _run([sk, "data", "generate", str(data), "--rows", "3000", "--seed", "99"], env).returncode == 0
     refused = _run([sk, "reproduce", "models:/churn@candidate"], env, 300)
     assert refused.returncode == 2 and "cannot reproduce: the dataset at" in refused.stderr, refused.stderr
+
+
+def test_a_canary_rollout_from_the_cli_promotes_with_no_failed_request(cluster: Cluster, tmp_path: Path) -> None:
+    """`skewless serve rollout start` against the cluster's Serve, under load; then `status` and
+    `models history` from other processes. Needs the two versions the tests above registered."""
+    import threading
+
+    import pyarrow.parquet as pq
+
+    env, sk = cluster.env, str(BIN / "skewless")
+    if "port" not in cluster.serve:
+        pytest.skip("needs the Serve instance test_ray_job_submit_then_serve_deploy starts")
+    code = (
+        "from runtime.registry import configure_mlflow, resolve; configure_mlflow(); "
+        "print(resolve('models:/churn@champion').version, resolve('models:/churn@candidate').version)"
+    )
+    found = _run([sys.executable, "-c", code], env)
+    assert found.returncode == 0, found.stderr
+    champion, candidate = found.stdout.split()
+    if candidate == champion:
+        candidate = "2" if champion == "1" else "1"
+    port = cluster.serve["port"]
+    spec = {
+        "app": "churn-ro",
+        "model": "churn",
+        "candidate": candidate,
+        "steps": [50, 100],
+        "http_port": port,
+        "arm_num_cpus": 0.25,
+        "analysis": {"window_s": 3.0, "max_extensions": 5, "thresholds": {"min_requests": 20, "alpha": 0.01}},
+    }
+    path = tmp_path / "rollout.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    rows = pq.read_table(cluster.home / "data" / "churn.parquet").drop_columns(["churned"]).slice(0, 2000).to_pylist()
+    url = f"http://127.0.0.1:{port}/churn-ro"
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as client:
+            i = 0
+            while not stop.is_set() and i < 20_000:
+                r = client.post(f"{url}/predict", json={"instances": [rows[i % len(rows)]]})
+                statuses.append(r.status_code)
+                i += 1
+
+    proc = subprocess.Popen(
+        [sk, "serve", "rollout", "start", str(path)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    worker = threading.Thread(target=load, daemon=True)
+    try:
+        wait_for_condition(
+            lambda: proc.poll() is None and httpx.get(f"{url}/healthz", timeout=5).status_code == 200,
+            timeout=180,
+            message="the rollout's router answers",
+        )
+        worker.start()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        stop.set()
+        proc.kill()
+        if worker.is_alive():
+            worker.join(timeout=60)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "promoted" in out and "step 2/2: 100%" in out, out
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    status = _run([sk, "serve", "rollout", "status", str(path), "--json"], env)
+    assert status.returncode == 0 and '"status": "promoted"' in status.stdout, status.stdout + status.stderr
+    history = _run([sk, "models", "history", "churn", "--alias", "champion"], env)
+    assert history.returncode == 0 and "every window" in history.stdout, history.stdout + history.stderr
+    # a bad spec: the field, the value and the fix, no traceback, exit 2
+    path.write_text(yaml.safe_dump({**spec, "steps": [50, 20]}))
+    refused = _run([sk, "serve", "rollout", "start", str(path)], env)
+    assert refused.returncode == 2 and "must increase" in refused.stderr and "Traceback" not in refused.stderr

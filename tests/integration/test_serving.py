@@ -419,6 +419,49 @@ def test_model_update_under_steady_load_drops_nothing(
     assert seen[(200, str(models[0]))] > 0 and seen[(200, str(models[1]))] > 0
 
 
+def test_a_replica_killed_under_load_loses_no_request(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    """2 replicas, 16 connections of steady load, one replica SIGKILLed: HAProxy retries what the
+    dead replica never answered (a prediction is idempotent) and stops sending it traffic."""
+    import signal
+
+    endpoint = _deploy("kill", serve_clean, {"model_uri": str(models[0])}, num_replicas=2)
+    body = json.dumps({"instances": _raw(data).slice(0, 2).to_pylist()})
+    seen: Counter[int] = Counter()
+    pids: set[int] = set()
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    r = client.post(f"{endpoint}/predict", content=body, headers={"content-type": "application/json"})
+                    seen[r.status_code] += 1
+                except httpx.HTTPError:
+                    seen[0] += 1
+
+    wait_for_condition(
+        lambda: pids.add(int(httpx.get(f"{endpoint}/healthz", timeout=5).json()["replica"]["pid"])) or len(pids) == 2,
+        timeout=60,
+        interval=0.05,
+        message="both replicas answered",
+    )
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for_condition(lambda: sum(seen.values()) > 200, timeout=60)
+        os.kill(min(pids), signal.SIGKILL)
+        before = sum(seen.values())
+        wait_for_condition(lambda: sum(seen.values()) > before + 1000, timeout=120, message="load after the kill")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert set(seen) == {200}, seen
+
+
 def test_the_shipped_ingress_is_haproxy_with_every_listener_on_loopback(
     serve_clean: int, models: tuple[Path, Path], data: pa.Table
 ) -> None:

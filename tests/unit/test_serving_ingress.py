@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import ServingError
-from runtime.serving import ingress_options, ingress_state_dir, loopback_binds
+from runtime.serving import buffered_requests, ingress_options, ingress_state_dir, loopback_binds
 from tests.conftest import free_port
 
 # The shape of the config Ray 2.60's HAProxy mode writes (haproxy_templates.py), cut down.
@@ -73,6 +73,7 @@ def test_the_launcher_rewrites_the_config_then_runs_rays_haproxy(tmp_path: Path)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "Configuration file is valid" in done.stdout + done.stderr
         assert "bind 127.0.0.1:9101" in config.read_text() and "bind 127.0.0.1:8404" in config.read_text()
+        assert "option http-buffer-request" in config.read_text()  # a dead replica's requests are replayed
     finally:
         shutil.rmtree(state, ignore_errors=True)
 
@@ -127,3 +128,9 @@ def test_haproxy_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
             if p == port and name == "haproxy":
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ingress_state_dir(port), ignore_errors=True)
+
+
+def test_requests_are_buffered_once_so_haproxy_can_replay_them() -> None:
+    once = buffered_requests(_config("127.0.0.1"))
+    assert once.count("option http-buffer-request") == 1 and buffered_requests(once) == once
+    assert once.index("option http-buffer-request") > once.index("\ndefaults\n")

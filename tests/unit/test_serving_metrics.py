@@ -274,7 +274,9 @@ def test_dashboard_queries_use_only_defined_metrics() -> None:
     assert board["schemaVersion"] >= 36 and board["title"]
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    known = exported_names("ray_")
+    from runtime.serving import ROLLOUT_METRICS
+
+    known = exported_names("ray_") | set(ROLLOUT_METRICS)
     panels = [p for p in board["panels"] if p["type"] != "row"]
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
@@ -283,13 +285,21 @@ def test_dashboard_queries_use_only_defined_metrics() -> None:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            names = set(re.findall(r"\b(ray_skewless_serve_[a-z_]+)", target["expr"]))
+            names = set(re.findall(r"\b(ray_skewless_(?:serve|rollout)_[a-z_]+)", target["expr"]))
             assert names, (panel["title"], target["expr"])
             assert names <= known, (panel["title"], names - known)
             assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
             used |= names
     titles = " | ".join(p["title"].lower() for p in panels)
-    for needed in ("request rate", "latency", "batch size", "prediction", "feature mean"):
+    for needed in (
+        "request rate",
+        "latency",
+        "batch size",
+        "prediction",
+        "feature mean",
+        "rollout weights",
+        "disagreement",
+    ):
         assert needed in titles, needed
     assert "ray_skewless_serve_request_latency_seconds_bucket" in used
 
