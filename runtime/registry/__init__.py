@@ -1,6 +1,6 @@
 """MLflow: the embedded store, lineage, model packaging, verification, registration, aliases."""
 
-from runtime.registry._aliases import AliasMove, alias_history, lock_name, move_alias
+from runtime.registry._aliases import AliasMove, alias_history, default_actor, lock_name, move_alias
 from runtime.registry._lineage import (
     GitInfo,
     Lineage,
@@ -63,6 +63,7 @@ __all__ = [
     "alias_history",
     "configure_mlflow",
     "current_champion",
+    "default_actor",
     "download",
     "ensure_experiment",
     "environment_lock",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,11 @@ class RolloutSpec(StrictModel):
                 raise ValueError(f"steps {self.steps}: must increase")
             if self.steps[-1] != 100:
                 raise ValueError(f"steps {self.steps}: the last must be 100 (the candidate takes all traffic)")
+            if len(self.steps) < 2:
+                raise ValueError(
+                    f"steps {self.steps}: start below 100 (e.g. [5, 25, 50, 100]): the judge compares the candidate "
+                    "with the baseline's traffic in the same or the previous window"
+                )
         if "model_uri" in self.app_args or "model_uri" in self.candidate_app_args:
             raise ValueError("app_args.model_uri: set by the rollout from baseline and candidate; remove it")
         return self
@@ -181,7 +187,7 @@ def deploy_rollout(spec: RolloutSpec, progress: Progress = print) -> tuple[str, 
         "versions": arms,
         "sticky_header": spec.sticky_header if spec.strategy == "ab" else None,
         "shadow": None if shadow is None else {"arm": _arm(cand.version), **shadow.model_dump()},
-        "salt": f"{spec.app}:{spec.model}",
+        "salt": secrets.token_hex(16),  # per rollout: a client cannot compute which key lands where
     }
     control = control_actor(spec.app, config)
     import ray
@@ -201,7 +207,8 @@ def deploy_rollout(spec: RolloutSpec, progress: Progress = print) -> tuple[str, 
     router_args = {
         "app": spec.app,
         "control": config,
-        "api_key_env": spec.api_key_env,
+        "api_key": spec.app_args.get("api_key"),  # the arms' key, checked at the router (the HTTP front)
+        "api_key_env": spec.api_key_env or spec.app_args.get("api_key_env"),
         "max_body_bytes": int(spec.app_args.get("max_body_bytes", 10 << 20)),
         "retries": spec.retries,
     }
@@ -242,7 +249,7 @@ def _windows(
             if s[4] == 200 and s[5] is not None:
                 labels.extend(s[5])
                 if s[6] is not None:
-                    probs.extend(p[-1] for p in s[6])
+                    probs.extend(s[6])
         return ArmWindow(
             latencies_ms=latencies,
             errors=errors,
@@ -278,7 +285,11 @@ def _figures(baseline: ArmWindow, canary: ArmWindow, verdict: Verdict) -> dict[s
 
 
 def run_rollout(spec: RolloutSpec, progress: Progress = print, poll_s: float = 0.5) -> RolloutResult:
-    """Deploy, walk the steps judging each window, then promote or roll back (see the module)."""
+    """Deploy, walk the steps judging each window, then promote or roll back (see the module).
+
+    An unexpected error (the tracking server down, the cluster gone) returns all traffic to the
+    baseline, marks the rollout ``failed`` and re-raises: never a candidate left at a partial weight.
+    """
     import ray
 
     from runtime.serving._router import control_actor
@@ -287,6 +298,24 @@ def run_rollout(spec: RolloutSpec, progress: Progress = print, poll_s: float = 0
     control = control_actor(spec.app)
     run_id = _start_run(spec, base, cand)
     ray.get(control.update_state.remote(status="running", run_id=run_id))
+    try:
+        return _steps(spec, progress, poll_s, control, base, cand, run_id)
+    except BaseException as exc:
+        try:
+            state = ray.get(control.transition.remote(["running"], "failed", reason=f"error: {exc}"))
+            if state is not None:
+                ray.get(control.set_config.remote(weights={_arm(base): 100.0, _arm(cand): 0.0}, shadow=None))
+                progress(f"failed ({type(exc).__name__}: {exc}); all traffic back on v{base}")
+        except Exception:
+            logger.exception("could not return traffic to the baseline after an error")
+        raise
+
+
+def _steps(
+    spec: RolloutSpec, progress: Progress, poll_s: float, control: Any, base: str, cand: str, run_id: str | None
+) -> RolloutResult:
+    import ray
+
     thresholds = spec.analysis.thresholds
     if spec.strategy == "canary":
         plan = list(spec.steps)
@@ -298,6 +327,11 @@ def run_rollout(spec: RolloutSpec, progress: Progress = print, poll_s: float = 0
     windows: list[dict[str, Any]] = []
     previous: tuple[float, float] | None = None  # the last window in which the baseline had traffic
     for index, weight in enumerate(plan):
+        stopped = _stopped(control)
+        if stopped is not None:
+            return _finish(
+                spec, stopped["status"], stopped.get("reason", ""), base, cand, windows, run_id, external=True
+            )
         weights = {_arm(base): 100.0 - weight, _arm(cand): weight}
         ray.get(control.set_config.remote(weights=weights))
         ray.get(control.update_state.remote(step=index, step_weight=weight, weights=weights))
@@ -306,7 +340,9 @@ def run_rollout(spec: RolloutSpec, progress: Progress = print, poll_s: float = 0
         for extension in range(spec.analysis.max_extensions + 1):
             stopped = _wait(control, since + spec.analysis.window_s * (extension + 1), poll_s)
             if stopped is not None:
-                return _finish(spec, stopped["status"], stopped.get("reason", ""), base, cand, windows, run_id)
+                return _finish(
+                    spec, stopped["status"], stopped.get("reason", ""), base, cand, windows, run_id, external=True
+                )
             until = time.time()
             data = ray.get(control.window.remote(since, until))
             base_data = None
@@ -345,6 +381,9 @@ def run_rollout(spec: RolloutSpec, progress: Progress = print, poll_s: float = 0
         if weights[_arm(base)] > 0:
             previous = (since, time.time())
     reason = f"every window passed ({len(windows)})"
+    stopped = _stopped(control)
+    if stopped is not None:
+        return _finish(spec, stopped["status"], stopped.get("reason", ""), base, cand, windows, run_id, external=True)
     if spec.promotes:
         try:
             promote_rollout(spec, reason, progress=progress)
@@ -355,14 +394,26 @@ def run_rollout(spec: RolloutSpec, progress: Progress = print, poll_s: float = 0
     return _finish(spec, "passed", reason, base, cand, windows, run_id)
 
 
-def _wait(control: Any, deadline: float, poll_s: float) -> dict[str, Any] | None:
-    """Sleep until ``deadline``; the state if someone else ended the rollout meanwhile."""
+def _stopped(control: Any) -> dict[str, Any] | None:
+    """The state, once final, if someone else (an operator) took the rollout out of ``running``."""
     import ray
 
-    while time.time() < deadline:
+    state = ray.get(control.get_state.remote())
+    if state.get("status") == "running":
+        return None
+    deadline = time.time() + 120  # their promote/rollback/abort is finishing: wait for its outcome
+    while state.get("status") not in TERMINAL and time.time() < deadline:
+        time.sleep(0.2)
         state = ray.get(control.get_state.remote())
-        if state.get("status") in TERMINAL:
-            return state
+    return dict(state)
+
+
+def _wait(control: Any, deadline: float, poll_s: float) -> dict[str, Any] | None:
+    """Sleep until ``deadline``; the final state if someone else ended the rollout meanwhile."""
+    while time.time() < deadline:
+        stopped = _stopped(control)
+        if stopped is not None:
+            return stopped
         time.sleep(min(poll_s, max(0.0, deadline - time.time())))
     return None
 
@@ -377,6 +428,9 @@ def _state(app: str) -> tuple[Any, dict[str, Any]]:
     from runtime.serving._router import control_actor
 
     connect()
+    from runtime.registry import configure_mlflow
+
+    configure_mlflow()  # alias moves go to the project's store, whatever the working directory
     try:
         control = control_actor(app)
     except ValueError:
@@ -387,10 +441,20 @@ def _state(app: str) -> tuple[Any, dict[str, Any]]:
 
 
 def _actor() -> str:
-    import getpass
-    import socket
+    from runtime.registry import default_actor
 
-    return f"{getpass.getuser()}@{socket.gethostname()} (skewless rollout)"
+    return f"{default_actor()} (skewless rollout)"
+
+
+def _claim(control: Any, allowed: list[str], status: str, what: str) -> dict[str, Any]:
+    """Take the rollout from one of ``allowed`` to ``status`` (compare-and-swap), or refuse."""
+    import ray
+
+    state = ray.get(control.transition.remote(allowed, status))
+    if state is None:
+        now = ray.get(control.get_state.remote()).get("status")
+        raise ServingError(f"cannot {what}: the rollout is {now} (allowed from: {', '.join(allowed)})")
+    return dict(state)
 
 
 def promote_rollout(spec: RolloutSpec, reason: str, progress: Progress = print) -> None:
@@ -399,9 +463,15 @@ def promote_rollout(spec: RolloutSpec, reason: str, progress: Progress = print) 
 
     from runtime import registry
 
-    control, state = _state(spec.app)
+    control, _ = _state(spec.app)
+    before = ray.get(control.get_state.remote()).get("status")
+    state = _claim(control, ["deployed", "running", "passed"], "promoting", "promote")
     base, cand = state["baseline"], state["candidate"]
-    move = registry.move_alias(spec.model, registry.CHAMPION, cand, expected=base, reason=reason, actor=_actor())
+    try:
+        move = registry.move_alias(spec.model, registry.CHAMPION, cand, expected=base, reason=reason, actor=_actor())
+    except BaseException:
+        ray.get(control.transition.remote(["promoting"], before))  # nothing moved: as it was
+        raise
     ray.get(control.set_config.remote(weights={_arm(base): 0.0, _arm(cand): 100.0}, shadow=None, sticky_header=None))
     ray.get(control.update_state.remote(status="promoted", reason=reason, alias_move=move.seq))
     progress(f"promoted: champion v{base} -> v{cand}; all traffic on v{cand} ({reason})")
@@ -413,7 +483,8 @@ def rollback_rollout(spec: RolloutSpec, reason: str, progress: Progress = print)
 
     from runtime import registry
 
-    control, state = _state(spec.app)
+    control, _ = _state(spec.app)
+    state = _claim(control, ["deployed", "running", "passed", "promoted"], "rolling_back", "roll back")
     base, cand = state["baseline"], state["candidate"]
     ray.get(control.set_config.remote(weights={_arm(base): 100.0, _arm(cand): 0.0}, shadow=None, sticky_header=None))
     champion = registry.current_champion(spec.model)
@@ -429,7 +500,8 @@ def abort_rollout(spec: RolloutSpec, reason: str = "aborted by the operator", pr
     """Stop the analysis and return traffic to the baseline; the alias is left where it is."""
     import ray
 
-    control, state = _state(spec.app)
+    control, _ = _state(spec.app)
+    state = _claim(control, ["deployed", "running", "passed"], "aborting", "abort")
     base, cand = state["baseline"], state["candidate"]
     ray.get(control.set_config.remote(weights={_arm(base): 100.0, _arm(cand): 0.0}, shadow=None, sticky_header=None))
     ray.get(control.update_state.remote(status="aborted", reason=reason))
@@ -524,7 +596,10 @@ def _finish(
     cand: str,
     windows: list[dict[str, Any]],
     run_id: str | None,
+    external: bool = False,
 ) -> RolloutResult:
+    """Write the report and close the MLflow run; ``external``: an operator's action ended the
+    rollout and set its status already."""
     import ray
 
     from runtime.registry import skewless_home
@@ -546,5 +621,6 @@ def _finish(
             client.set_terminated(run_id, "FINISHED")
         except Exception as exc:
             logger.warning("could not finish the rollout's MLflow run: %s", exc)
-    ray.get(control_actor(spec.app).update_state.remote(status=outcome, reason=reason, report=str(path)))
+    changes = {"report": str(path)} if external else {"status": outcome, "reason": reason, "report": str(path)}
+    ray.get(control_actor(spec.app).update_state.remote(**changes))
     return RolloutResult(outcome, reason, base, cand, windows, run_id, path)

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import math
 import random
 import time
 from typing import Any
@@ -61,7 +62,8 @@ __all__ = [
 CONTROL_NAMESPACE = "skewless"
 POLL_S = 0.25
 FLUSH_S = 0.5
-SAMPLES_PER_ARM = 200_000  # the control actor keeps this many recent requests per arm
+SAMPLES_PER_ARM = 50_000  # the control actor keeps this many recent requests per arm...
+SAMPLE_ROWS = 16  # ...and of each, this many rows' predictions (a bulk request is not kept whole)
 SHADOW_TIMEOUT_S = 30.0
 
 # What Prometheus scrapes from the routers (Ray's agent adds ``ray_``; counters get ``_total``).
@@ -100,6 +102,9 @@ def pick_arm(weights: dict[str, float], u: float) -> str:
 class RolloutControl:
     """One application's traffic settings, its recent per-request samples and the rollout's state.
 
+    Its methods are ``async`` with no ``await`` inside: Ray runs an async actor's calls on one
+    event loop, so each runs whole (a window is never read while samples are being added).
+
     ``config``: ``weights`` {arm: weight}, ``versions`` {arm: model version}, ``sticky_header``
     (or None), ``shadow`` ({"arm", "fraction", "max_in_flight"} or None), ``salt``.
     """
@@ -113,22 +118,24 @@ class RolloutControl:
         self.counters: collections.Counter[str] = collections.Counter()
         self.state: dict[str, Any] = {"status": "idle"}
 
-    def get_config(self, known: int = 0) -> tuple[int, dict[str, Any]] | None:
+    async def get_config(self, known: int = 0) -> tuple[int, dict[str, Any]] | None:
         """The settings, or None when the caller already has version ``known``."""
         return None if known == self.version else (self.version, self.config)
 
-    def set_config(self, **changes: Any) -> int:
+    async def set_config(self, **changes: Any) -> int:
         self.config = {**self.config, **changes}
         self.version += 1
         return self.version
 
-    def record(self, samples: list[tuple[Any, ...]], shadows: list[tuple[Any, ...]], counters: dict[str, int]) -> None:
+    async def record(
+        self, samples: list[tuple[Any, ...]], shadows: list[tuple[Any, ...]], counters: dict[str, int]
+    ) -> None:
         for sample in samples:  # (t, arm, kind, latency_ms, status, labels, probabilities)
             self.samples.setdefault(sample[1], collections.deque(maxlen=SAMPLES_PER_ARM)).append(sample)
         self.shadows.extend(shadows)  # (t, live arm, shadow arm, pairs, flips, prob_deltas)
         self.counters.update(counters)
 
-    def window(self, since: float, until: float | None = None) -> dict[str, Any]:
+    async def window(self, since: float, until: float | None = None) -> dict[str, Any]:
         """Samples with ``since <= t < until``: {"samples": {arm: [...]}, "shadows": [...], "counters"}."""
         end = float("inf") if until is None else until
         return {
@@ -137,16 +144,26 @@ class RolloutControl:
             "counters": dict(self.counters),
         }
 
-    def get_state(self) -> dict[str, Any]:
+    async def get_state(self) -> dict[str, Any]:
         return {**self.state, "config": self.config, "config_version": self.version}
 
-    def update_state(self, **changes: Any) -> dict[str, Any]:
+    async def update_state(self, **changes: Any) -> dict[str, Any]:
         self.state = {**self.state, **changes}
+        return self.state
+
+    async def transition(self, allowed: list[str], status: str, **changes: Any) -> dict[str, Any] | None:
+        """Compare-and-swap on the status: move to ``status`` only from one of ``allowed``; the
+        new state, or None (someone else moved it first). Serialises promote, rollback and abort."""
+        if self.state.get("status") not in allowed:
+            return None
+        self.state = {**self.state, **changes, "status": status}
         return self.state
 
 
 def control_actor(app: str, config: dict[str, Any] | None = None) -> Any:
-    """The application's :class:`RolloutControl` (created, detached, with ``config`` if absent)."""
+    """The application's :class:`RolloutControl`; with ``config``, created (detached) if absent.
+    Only a rollout's deploy creates it: a router replica started later must not bring back the
+    deploy-time weights after a promotion (it uses them only while the actor is unreachable)."""
     name = f"rollout:{app}"
     if config is None:
         return ray.get_actor(name, namespace=CONTROL_NAMESPACE)
@@ -169,14 +186,20 @@ class Router:
         self.auth = ApiKeyAuth.for_app(args.get("api_key"), args.get("api_key_env"))
         self.max_body_bytes = int(args.get("max_body_bytes", 10 << 20))
         self.retries = int(args.get("retries", 2))
-        self.control = control_actor(self.app, args["control"])
-        self.config_version, self.config = ray.get(self.control.get_config.remote(0))
+        self.config_version, self.config = 0, dict(args["control"])
+        try:
+            self.control = control_actor(self.app)
+            self.config_version, self.config = ray.get(self.control.get_config.remote(0), timeout=30)
+        except Exception as exc:  # gone: the deploy-time settings, and a warning while it stays so
+            logger.warning("rollout control of %s unreachable (%s): routing by the deploy-time weights", self.app, exc)
+            self.control = None
         self.samples: list[tuple[Any, ...]] = []
         self.shadows: list[tuple[Any, ...]] = []
         self.counters: collections.Counter[str] = collections.Counter()
         self.shadow_in_flight = 0
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.background: list[asyncio.Task[None]] = []
+        self._warned = 0.0
         self.metrics = _RouterMetrics(self.app)
         self.metrics.weights(self.config)
 
@@ -190,12 +213,17 @@ class Router:
     async def _poll_config(self) -> None:
         while True:
             try:
+                if self.control is None:
+                    self.control = control_actor(self.app)
                 update = await self.control.get_config.remote(self.config_version)
                 if update is not None:
                     self.config_version, self.config = update
                     self.metrics.weights(self.config)
-            except Exception as exc:  # the control actor restarting: keep the last settings
-                logger.warning("rollout control unreachable (%s); keeping config v%d", exc, self.config_version)
+            except Exception as exc:  # the control actor gone: keep the last settings, say so rarely
+                self.control = None
+                if time.monotonic() - self._warned > 60:
+                    self._warned = time.monotonic()
+                    logger.warning("rollout control unreachable (%s); keeping config v%d", exc, self.config_version)
             await asyncio.sleep(POLL_S)
 
     async def _flush_loop(self) -> None:
@@ -208,6 +236,8 @@ class Router:
             return
         samples, shadows, counters = self.samples, self.shadows, dict(self.counters)
         self.samples, self.shadows, self.counters = [], [], collections.Counter()
+        if self.control is None:
+            return  # dropped: nothing to judge them (the buffers stay bounded)
         try:
             await self.control.record.remote(samples, shadows, counters)
         except Exception as exc:
@@ -269,6 +299,8 @@ class Router:
                 if _is_model_answer(exc):
                     logger.error("arm %s failed on a request: %s", arm, exc)
                     return _internal_error(arm)
+                if isinstance(exc, serve.exceptions.BackPressureError):  # overloaded: retrying adds load
+                    return _internal_error(arm, status=503)
                 last = exc
                 self.counters[f"retry:{arm}"] += 1
                 await asyncio.sleep(0.05 * (attempt + 1))
@@ -300,11 +332,12 @@ class Router:
 
     async def _shadow(self, arm: str, live_arm: str, content_type: str | None, body: bytes, live: Answer) -> None:
         t0 = time.perf_counter()
+        response = self.handles[arm].answer.remote(content_type, body)
         try:
-            answer: Answer = await asyncio.wait_for(
-                self.handles[arm].answer.remote(content_type, body), SHADOW_TIMEOUT_S
-            )
-        except Exception as exc:  # never the caller's problem: counted, logged once in a while
+            answer: Answer = await asyncio.wait_for(_awaited(response), SHADOW_TIMEOUT_S)
+        except Exception as exc:  # never the caller's problem: counted
+            if isinstance(exc, asyncio.TimeoutError):
+                response.cancel()  # cancelling the await does not stop the candidate's work; this does
             self.counters["shadow_error"] += 1
             self.metrics.shadow("error")
             answer = _internal_error(arm, status=599 if isinstance(exc, asyncio.TimeoutError) else 503)
@@ -312,14 +345,29 @@ class Router:
         if answer.status != 200 or answer.labels is None or live.labels is None:
             return
         pairs = min(len(answer.labels), len(live.labels))
-        flips = sum(1 for a, b in zip(live.labels[:pairs], answer.labels[:pairs], strict=True) if a != b)
+        flips = sum(1 for a, b in zip(live.labels[:pairs], answer.labels[:pairs], strict=True) if _differ(a, b))
         deltas: list[float] = []
         if answer.probabilities is not None and live.probabilities is not None:
             for p, q in zip(live.probabilities[:pairs], answer.probabilities[:pairs], strict=True):
                 deltas.append(max(abs(a - b) for a, b in zip(p, q, strict=False)) if p and q else 0.0)
+        deltas = deltas[:SAMPLE_ROWS]
         self.shadows.append((time.time(), live_arm, arm, pairs, flips, deltas))
         self.counters["shadow_compared"] += 1
         self.metrics.shadow("compared", pairs=pairs, flips=flips)
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+def _differ(a: Any, b: Any) -> bool:
+    """A label flip; a regression output counts only when it differs beyond float noise."""
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return not math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+        except (TypeError, ValueError):
+            return True
+    return bool(a != b)
 
 
 def _internal_error(arm: str, status: int = 500) -> Answer:

@@ -179,9 +179,21 @@ def test_a_canary_as_good_as_the_baseline_is_promoted_with_no_failed_request_thr
     from runtime import registry
 
     app = "ro-promote"
-    spec = _spec(app, serve_clean, versions["same"], replicas=2)
+    # a replica killed inside the first window leaves the canary one replica for a while: its p99
+    # rightly rises (the judge saw x1.8 once); this test is about losing no request, so it allows that
+    spec = _spec(
+        app,
+        serve_clean,
+        versions["same"],
+        replicas=2,
+        analysis={
+            "window_s": 3.0,
+            "max_extensions": 4,
+            "thresholds": {"min_requests": 25, "alpha": 0.01, "max_p99_ratio": 10.0},
+        },
+    )
     url = f"http://127.0.0.1:{serve_clean}/{app}"
-    killed: list[str] = []
+    killed: list[tuple[str, float]] = []
 
     def kill_one_candidate_replica() -> None:
         from ray.util.state import list_actors
@@ -193,10 +205,11 @@ def test_a_canary_as_good_as_the_baseline_is_promoted_with_no_failed_request_thr
                 if a.name and f"{MODEL}-v{versions['same']}" in a.name and "SERVE_REPLICA" in a.name
             ]
 
+        wait_for_condition(lambda: rollout_status(app).get("status") == "running", timeout=180)
         found = wait_for_condition(candidate_replica, timeout=60, message="a candidate replica")
-        time.sleep(2.0)  # into the first analysis window, under load
+        time.sleep(3.0)  # into the first analysis window: the load starts as soon as the router answers
         ray.kill(ray.get_actor(found[0].name, namespace="serve"), no_restart=True)
-        killed.append(found[0].name)
+        killed.append((found[0].name, time.time()))
 
     try:
         killer = threading.Thread(target=kill_one_candidate_replica, daemon=True)
@@ -204,6 +217,9 @@ def test_a_canary_as_good_as_the_baseline_is_promoted_with_no_failed_request_thr
         result, load, after = _rollout_under_load(spec, url, rows)
         killer.join(timeout=60)
         assert killed, "no candidate replica was killed"
+        kill_t = killed[0][1]
+        assert any(t < kill_t for t, _, _ in load.results), "the kill came before the load"
+        assert sum(1 for t, _, _ in load.results if kill_t < t < after) > 50, "too little load after the kill"
         assert result.outcome == "promoted", (result.reason, result.windows)
         statuses = Counter(s for _, s, _ in load.results)
         assert set(statuses) == {200}, statuses  # not one failed request: rollout, kill, promotion
@@ -283,7 +299,7 @@ def test_shadow_traffic_is_compared_and_never_reaches_the_caller(
         _kill_control(app)
 
 
-def test_sticky_ab_keeps_each_key_on_its_arm_across_router_replicas(
+def test_sticky_ab_keeps_each_key_on_its_arm(
     serve_clean: int, versions: dict[str, str], rows: pa.Table, champion_reset: None
 ) -> None:
     app = "ro-ab"
@@ -333,7 +349,7 @@ def test_two_concurrent_promotions_exactly_one_wins(
     """Two operators (or a rollout and an operator) promote the same rollout at once: the alias
     move is compare-and-swap, so one wins and the other is told the champion moved."""
     from runtime import registry
-    from runtime.errors import AliasConflictError
+    from runtime.errors import AliasConflictError, ServingError
     from runtime.serving import deploy_rollout, promote_rollout
 
     app = "ro-race"
@@ -349,7 +365,7 @@ def test_two_concurrent_promotions_exactly_one_wins(
             try:
                 promote_rollout(spec, f"promoted by {who}", progress=print)
                 outcomes.append("won")
-            except AliasConflictError as exc:
+            except (AliasConflictError, ServingError) as exc:  # the status, or the alias, moved first
                 outcomes.append(f"conflict: {exc}")
 
         threads = [threading.Thread(target=promote, args=(who,)) for who in ("alice", "bob")]
@@ -361,5 +377,10 @@ def test_two_concurrent_promotions_exactly_one_wins(
         assert registry.current_champion(MODEL).version == versions["same"]  # type: ignore[union-attr]
         moves = registry.alias_history(MODEL, registry.CHAMPION)[before:]
         assert len(moves) == 1 and moves[0].to_version == versions["same"], moves
+        # a promoted rollout cannot be aborted (only rolled back): the status is compare-and-swap too
+        from runtime.serving import abort_rollout
+
+        with pytest.raises(ServingError, match="cannot abort: the rollout is promoted"):
+            abort_rollout(spec)
     finally:
         _kill_control(app)

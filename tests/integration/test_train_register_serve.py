@@ -182,7 +182,9 @@ def test_serve_predicts_and_matches_offline(trained: TrainOutcome, dataset: Path
     assert resp.status_code == 200
     body = resp.json()
     assert len(body["predictions"]) == 3 and body["classes"] == [0, 1]
-    assert body["model"] == {"name": NAME, "version": health["model"]["version"], "uri": f"models:/{NAME}@champion"}
+    # the alias was resolved once, at deploy: every replica serves (and names) that version
+    pinned = f"models:/{NAME}/{trained.version}"
+    assert body["model"] == {"name": NAME, "version": trained.version, "uri": pinned}
 
     report = check_parity(endpoint, f"models:/{NAME}@champion", raw)
     assert report.ok, str(report)

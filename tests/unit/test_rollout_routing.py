@@ -58,6 +58,7 @@ def test_weights_of_zero_never_route_and_no_weight_at_all_is_refused() -> None:
     [
         ({"steps": [50, 25, 100]}, "must increase"),
         ({"steps": [5, 50]}, "the last must be 100"),
+        ({"steps": [100]}, "start below 100"),
         ({"app_args": {"model_uri": "models:/x/1"}}, "set by the rollout"),
         ({"stepz": [5, 100]}, "stepz"),
         ({"analysis": {"thresholds": {"max_p99_ration": 2}}}, "max_p99_ratio"),
