@@ -12,6 +12,7 @@ from runtime.redact import redact
 from runtime.registry import LoadedModel
 
 HOLDOUT_SAMPLE_ROWS = 4096
+EVAL_BATCH_ROWS = 2048
 
 
 def evaluate(model: LoadedModel, data: pa.Table | Iterable[pa.Table]) -> dict[str, float]:
@@ -24,6 +25,9 @@ def evaluate(model: LoadedModel, data: pa.Table | Iterable[pa.Table]) -> dict[st
     share it (on the churn model, 1 and 2 threads differ in the 10th digit of the log loss), and
     the holdout metrics must be the same wherever a run is reproduced (``skewless reproduce``
     compares them exactly; a Ray job's driver and a laptop shell get different thread counts).
+    For the same reason the rows are re-cut into batches of ``EVAL_BATCH_ROWS`` whatever the
+    reader's block layout: the per-batch sums, added in another grouping, differ in the last
+    digit (a reproduction that read the file as 7 blocks did).
     """
     import torch
 
@@ -34,12 +38,27 @@ def evaluate(model: LoadedModel, data: pa.Table | Iterable[pa.Table]) -> dict[st
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for batch in [data] if isinstance(data, pa.Table) else data:
-            if batch.num_rows:
-                acc.add(model.predict_table(batch), model.preprocessor.transform_label(batch))
+        for batch in fixed_batches([data] if isinstance(data, pa.Table) else data, EVAL_BATCH_ROWS):
+            acc.add(model.predict_table(batch), model.preprocessor.transform_label(batch))
     finally:
         torch.set_num_threads(threads)
     return {f"holdout_{k}": v for k, v in acc.result().items()}
+
+
+def fixed_batches(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``tables``, in order, as tables of exactly ``rows`` rows (the last one shorter)."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        while table.num_rows:
+            take = min(rows - held, table.num_rows)
+            pending.append(table.slice(0, take))
+            table, held = table.slice(take), held + take
+            if held == rows:
+                yield pa.concat_tables(pending).combine_chunks()
+                pending, held = [], 0
+    if held:
+        yield pa.concat_tables(pending).combine_chunks()
 
 
 class HoldoutStream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -92,9 +93,10 @@ def test_streamed_evaluation_equals_whole_table(tmp_path: Path, table: pa.Table)
     model = load_model_dir(tmp_path / "m")
     whole = evaluate(model, table)
     streamed = evaluate(model, (table.slice(i, 3000) for i in range(0, table.num_rows, 3000)))
+    cuts = [0, 1, 700, 701, 5003, 9000, table.num_rows]  # uneven blocks, one of them a single row
+    uneven = evaluate(model, (table.slice(a, b - a) for a, b in itertools.pairwise(cuts)))
     assert whole.keys() == streamed.keys() == {"holdout_accuracy", "holdout_log_loss", "holdout_auc"}
-    for k in whole:
-        assert streamed[k] == pytest.approx(whole[k], rel=1e-9)
+    assert streamed == whole and uneven == whole  # exactly: reproduce compares them bit for bit
 
 
 def test_holdout_metrics_are_computed_on_one_thread_whatever_the_process_has(tmp_path: Path, table: pa.Table) -> None:
@@ -127,7 +129,7 @@ def test_holdout_metrics_are_computed_on_one_thread_whatever_the_process_has(tmp
     try:
         torch.set_num_threads(2)
         metrics = evaluate(model, (table.slice(i, 5000) for i in range(0, table.num_rows, 5000)))
-        assert seen == [1, 1, 1, 1] and torch.get_num_threads() == 2  # and the process keeps its setting
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2  # and the process keeps its setting
     finally:
         torch.set_num_threads(before)
     assert set(metrics) == {"holdout_accuracy", "holdout_log_loss", "holdout_auc"}
