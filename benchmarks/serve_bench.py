@@ -58,14 +58,16 @@ PayloadFactory = Callable[[int], Payload]  # request number -> body
 
 
 def make_model_dir(workdir: Path, fit_rows: int = 20_000, hidden: Sequence[int] = (64, 32)) -> tuple[Path, pa.Table]:
-    """A packaged model with random weights, and the raw (label-free) rows it was fit on."""
+    """A packaged model with random weights and its monitoring reference (as training stores
+    one, so the served path summarises its traffic), and the raw (label-free) rows it was fit on."""
     import pyarrow.parquet as pq
     import torch
 
     from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
     from runtime.models import MLPConfig, build_model
+    from runtime.monitoring import REFERENCE_FILE, build_reference
     from runtime.preprocessing import FeatureSpec, fit
-    from runtime.registry import model_json, write_model_dir
+    from runtime.registry import add_model_file, load_model_dir, model_json, write_model_dir
     from runtime.tasks import task_for
 
     table = pq.read_table(generate_synthetic(workdir / "data.parquet", SyntheticConfig(rows=fit_rows, seed=7)))
@@ -73,6 +75,8 @@ def make_model_dir(workdir: Path, fit_rows: int = 20_000, hidden: Sequence[int] 
     config = model_json(MLPConfig(hidden=list(hidden)), prep, task_for("binary"))
     torch.manual_seed(0)
     model_dir = write_model_dir(workdir / "model", build_model(config).state_dict(), config, prep)
+    reference = build_reference(load_model_dir(model_dir), table, table.slice(0, 4096), {})
+    add_model_file(model_dir, REFERENCE_FILE, reference.to_json())
     return model_dir, table.select(prep.input_schema.names)
 
 
@@ -340,7 +344,7 @@ def run_baseline(ctx: BenchContext) -> dict[str, Any]:
     return {"server": "fastapi+uvicorn, 1 worker", "url": url, "sweep": sweep, "bulk_inprocess": bulk}
 
 
-def run_serve(ctx: BenchContext, ingress: str = "shipped") -> dict[str, Any]:
+def run_serve(ctx: BenchContext, ingress: str = "shipped", monitoring: bool = True) -> dict[str, Any]:
     """The skewless Serve app (one replica, dynamic batching), reached through one of Ray
     Serve's ingress paths:
 
@@ -382,6 +386,7 @@ def run_serve(ctx: BenchContext, ingress: str = "shipped") -> dict[str, Any]:
             ),
             "max_body_bytes": 256 << 20,
             "max_instances": 1 << 20,
+            "monitoring": {"enabled": monitoring, "store": str(ctx.workdir / "monitoring")},
         }
         options = {
             "num_replicas": 1,
@@ -465,6 +470,7 @@ def listening_ports(pid: int) -> list[int]:
 TARGETS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "baseline": run_baseline,
     "serve": run_serve,
+    "serve_unmonitored": lambda ctx: run_serve(ctx, monitoring=False),
     "serve_proxy": lambda ctx: run_serve(ctx, ingress="proxy"),
     "serve_direct": lambda ctx: run_serve(ctx, ingress="direct"),
 }

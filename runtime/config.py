@@ -24,6 +24,7 @@ from runtime.errors import ConfigError
 from runtime.redact import MASK, SECRET_FIELD, redact
 
 __all__ = [
+    "MonitoringArgs",
     "ServeAppArgs",
     "StrictModel",
     "expand_path",
@@ -42,6 +43,55 @@ class StrictModel(BaseModel):
     """Base of every user-written config: unknown keys are errors, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MonitoringArgs(StrictModel):
+    """Live monitoring inside the predictor replicas (``args.monitoring``)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Summarise live traffic over the model's reference bins and log every prediction (with its "
+        "request id) to the store; off: neither.",
+    )
+    store: str | None = Field(
+        default=None,
+        description="Where summaries, the prediction log and labels go: a directory or a pyarrow.fs URI (s3://, gs://, "
+        "hdfs://) every replica can reach. Default: $SKEWLESS_HOME/monitoring.",
+    )
+    flush_interval_s: float = Field(
+        default=10.0,
+        ge=0.1,
+        le=3600.0,
+        description="How often each replica writes its window summary and prediction-log rows (a replica restart "
+        "loses at most this much).",
+    )
+    evaluate_interval_s: float = Field(
+        default=60.0,
+        ge=1.0,
+        le=86400.0,
+        description="How often replica 0 judges the trailing window (drift, estimated and realised performance) and "
+        "updates the skewless_drift_* and skewless_performance_* metrics.",
+    )
+    window_s: float = Field(
+        default=3600.0, ge=1.0, description="The trailing window the metrics judge: drift and the estimate."
+    )
+    label_window_s: float = Field(
+        default=7 * 86400.0,
+        ge=1.0,
+        description="The trailing window of predictions joined with their labels for realised performance "
+        "(labels arrive late: longer than window_s).",
+    )
+    log_inputs: Literal["hash", "none"] = Field(
+        default="hash",
+        description="What the prediction log keeps of each row's inputs: a 64-bit hash (to find duplicates and match "
+        "rows) or nothing.",
+    )
+    max_buffered_rows: int = Field(
+        default=200_000,
+        ge=1,
+        description="Rows a replica holds between flushes; past this, rows are dropped from monitoring (counted in "
+        "skewless_monitor_dropped_rows_total), never the request.",
+    )
 
 
 class ServeAppArgs(StrictModel):
@@ -104,6 +154,10 @@ class ServeAppArgs(StrictModel):
         le=1 << 20,
         description="On a GPU, the most rows one model call runs (a larger batch runs in several): bounds the "
         "activations a bulk request takes from the replica's budget. The replica warms up at this size.",
+    )
+    monitoring: MonitoringArgs = Field(
+        default_factory=MonitoringArgs,
+        description="Live monitoring: window summaries for drift, the prediction log for delayed labels.",
     )
 
 

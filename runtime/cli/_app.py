@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from runtime.cli._monitor import monitor_app
+
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -33,6 +35,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
 app.add_typer(data_app, name="data")
+app.add_typer(monitor_app, name="monitor")
 
 
 def _progress(msg: str) -> None:

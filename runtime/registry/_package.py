@@ -130,6 +130,21 @@ def write_model_dir(
     return out
 
 
+def add_model_file(directory: str | os.PathLike[str], name: str, text: str) -> Path:
+    """Add a file to a packaged model directory and list it in the manifest (so it is verified
+    with the rest): for what is computed from the packaged model itself, such as its
+    monitoring reference. Refuses to replace a file already listed."""
+    out = Path(directory)
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    if name in manifest["files"] or name == MANIFEST or "/" in name:
+        raise RegistryError(f"{out}: {name!r} is already in the model (or not a plain file name); not replacing it")
+    (out / name).write_text(text)
+    manifest["files"][name] = sha256_file(out / name)
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return out / name
+
+
 class HostStaging:
     """A reusable host buffer a batch goes through on its way to a GPU: page-locked
     (``pin``), so the copy to the device is a DMA that does not block the host. It grows to

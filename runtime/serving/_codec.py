@@ -424,12 +424,17 @@ def _check_stream(buf: pa.Buffer, max_instances: int, max_decoded: int) -> int:
 # --------------------------------------------------------------------------- responses
 
 
-def encode_response(preds: Predictions, identity: Mapping[str, Any], *, arrow: bool) -> tuple[bytes, str]:
-    """(body, content type): Arrow IPC for an Arrow request, else JSON."""
+def encode_response(
+    preds: Predictions, identity: Mapping[str, Any], *, arrow: bool, request_id: str | None = None
+) -> tuple[bytes, str]:
+    """(body, content type): Arrow IPC for an Arrow request, else JSON. ``request_id`` (what
+    labels sent later name the prediction by) goes in the JSON body and the Arrow metadata."""
     if arrow:
-        return _encode_arrow(preds, identity), ARROW_STREAM
+        return _encode_arrow(preds, identity, request_id), ARROW_STREAM
     out = preds.to_json()
     out["model"] = dict(identity)
+    if request_id is not None:
+        out["request_id"] = request_id
     try:
         text = json.dumps(out, allow_nan=False, separators=(",", ":"))
     except ValueError:  # a NaN/inf output (a NaN input the spec allows): JSON's spelling is null
@@ -447,7 +452,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _encode_arrow(preds: Predictions, identity: Mapping[str, Any]) -> bytes:
+def _encode_arrow(preds: Predictions, identity: Mapping[str, Any], request_id: str | None = None) -> bytes:
     names, arrays = ["prediction"], [pa.array(preds.values)]
     if preds.probabilities is not None and preds.classes is not None:
         probs = np.asarray(preds.probabilities, dtype=np.float32)
@@ -455,6 +460,8 @@ def _encode_arrow(preds: Predictions, identity: Mapping[str, Any]) -> bytes:
             names.append(f"probability_{label}")
             arrays.append(pa.array(probs[:, j]))
     metadata = {"model": json.dumps(dict(identity))}
+    if request_id is not None:
+        metadata["request_id"] = request_id
     table = pa.Table.from_arrays(arrays, names=names, metadata=metadata)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:

@@ -31,10 +31,12 @@ and the ``skewless_serve_device_memory_bytes`` gauge show the device and its mem
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +117,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def request_id_of(header: str | None) -> str:
+    """The request's id: Ray Serve's (its proxy takes the caller's ``x-request-id`` or makes
+    one, passes it in that header and answers with it), else a fresh one. Labels sent later name
+    the prediction by it."""
+    return header if header else uuid.uuid4().hex
+
+
 def _error_response(err: HttpError) -> Response:
     return Response(err.body(), status_code=err.status, media_type="application/json", headers=dict(err.headers))
 
@@ -150,6 +159,7 @@ class Predictor:
         self._warm_up()
         self.startup = {"load_s": round(load_s, 4), "warmup_s": round(time.perf_counter() - t1, 4)}
         self.metrics = self._metrics()
+        self.live = self._live_monitor()
         self._publish_device_memory()
         self._batched_predict.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
         self._batched_predict.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -281,6 +291,57 @@ class Predictor:
             logger.warning("serving metrics disabled: %s", exc)
             return None
 
+    def _live_monitor(self) -> Any:
+        """Live monitoring (``args.monitoring``): summaries and the prediction log, flushed by a
+        thread; replica 0 also judges the trailing window. Never takes the replica down."""
+        settings = self.args.monitoring
+        if not settings.enabled:
+            return None
+        try:
+            from runtime.monitoring import LiveMonitor, LiveSettings, MonitorGauges, MonitoringStore, load_reference
+
+            context = serve.get_replica_context()
+            rank = getattr(context.rank, "rank", context.rank)
+            reference = load_reference(self.model.directory)
+            if reference is None:
+                logger.info(
+                    "monitoring: %s has no reference.json (packaged before monitoring); logging predictions only",
+                    self.args.model_uri,
+                )
+            model, version = self.monitoring_identity()
+            gauges = MonitorGauges(model, version) if rank == 0 else None
+            live = LiveMonitor(
+                app=context.app_name,
+                model=model,
+                version=version,
+                replica=context.replica_id.unique_id,
+                task=self.model.task.name if self.model.task else "regression",
+                reference=reference,
+                store=MonitoringStore(settings.store),
+                settings=LiveSettings(**settings.model_dump(exclude={"enabled", "store"})),
+                evaluator=rank == 0,
+                publish=None if gauges is None else gauges.publish,
+                count_dropped=None if gauges is None else gauges.count_dropped,
+            )
+            return live.start()
+        except Exception as exc:
+            logger.warning("monitoring disabled on this replica: %s: %s", type(exc).__name__, exc)
+            return None
+
+    def monitoring_identity(self) -> tuple[str, str]:
+        """(model, version) as monitoring names them: the registered name and version, or for a
+        model directory its folder name and ``dir-`` + the manifest's sha256 prefix."""
+        name, version = self.identity["name"], self.identity["version"]
+        if name is not None and version is not None:
+            return str(name), str(version)
+        digest = hashlib.sha256(repr(sorted(self.model.manifest.get("files", {}).items())).encode()).hexdigest()
+        return self.model.directory.name, f"dir-{digest[:12]}"
+
+    def __del__(self) -> None:
+        live = getattr(self, "live", None)
+        if live is not None:  # a graceful stop: flush what is buffered
+            live.stop()
+
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy (and replaces it)."""
         preds = self.model.predict_table(self._canary)
@@ -334,13 +395,37 @@ class Predictor:
             self.metrics.observe_request(label, response.status_code, time.perf_counter() - t0)
         return response
 
+    async def labels(self, request: Request) -> Response:
+        """``POST /labels``: ``{"labels": [{"request_id": ..., "label": ..., "row": 0}, ...]}``,
+        the ground truth of earlier predictions (``row`` for a multi-row request; default 0)."""
+        if self.live is None:
+            raise HttpError(409, "monitoring.enabled", False, "labels need monitoring; set args.monitoring.enabled")
+        body = await read_body(request, self.args.max_body_bytes)
+        table = await asyncio.to_thread(_labels_table, request.headers.get("content-type"), body)
+        try:
+            await asyncio.to_thread(self.live.store.write_labels, self.live.app, table)
+        except Exception as exc:
+            logger.warning("writing %d labels failed: %s", table.num_rows, exc)
+            raise HttpError(
+                503,
+                "store",
+                None,
+                "the monitoring store is unavailable; send the labels again later",
+                headers={"Retry-After": "10"},
+            ) from None
+        return JSONResponse({"accepted": table.num_rows})
+
     async def predict(self, request: Request) -> Response:
         """``POST /predict`` (see the module docstring); the route table checked method and key."""
         body = await read_body(request, self.args.max_body_bytes)
-        out, media, headers, _ = await self._predict_body(request.headers.get("content-type"), body)
+        given = request.headers.get("x-request-id")
+        request_id = request_id_of(given)
+        out, media, headers, _ = await self._predict_body(request.headers.get("content-type"), body, request_id)
+        if given:  # Serve's proxy answers with the x-request-id header itself
+            headers.pop("x-request-id", None)
         return Response(out, media_type=media, headers=headers)
 
-    async def answer(self, content_type: str | None, body: bytes) -> Answer:
+    async def answer(self, content_type: str | None, body: bytes, request_id: str | None = None) -> Answer:
         """``POST /predict``'s answer for a router in front (a ``DeploymentHandle`` call, no HTTP):
         the body, status and headers it would send, and the first rows' predictions for the
         router's comparisons. Bad input is an answer (a 4xx), never an exception."""
@@ -348,7 +433,7 @@ class Predictor:
         try:
             if len(body) > self.args.max_body_bytes:
                 raise HttpError(413, "body", len(body), f"request body at most {self.args.max_body_bytes} bytes")
-            out, media, headers, preds = await self._predict_body(content_type, body)
+            out, media, headers, preds = await self._predict_body(content_type, body, request_id_of(request_id))
             answer = Answer(200, out, media, headers, *_summary(preds))
         except HttpError as err:
             answer = Answer(err.status, err.body(), "application/json", dict(err.headers))
@@ -359,13 +444,18 @@ class Predictor:
             self.metrics.observe_request("/predict", answer.status, time.perf_counter() - t0)
         return answer
 
-    async def _predict_body(self, content_type: str | None, body: bytes) -> tuple[bytes, str, dict[str, str], Any]:
+    async def _predict_body(
+        self, content_type: str | None, body: bytes, request_id: str
+    ) -> tuple[bytes, str, dict[str, str], Any]:
         if self.args.inject_error_rate and random.random() < self.args.inject_error_rate:
             raise HttpError(500, None, None, f"injected error (inject_error_rate {self.args.inject_error_rate:g})")
         arrow = is_arrow(content_type)
-        headers: dict[str, str] = {"x-skewless-model-version": str(self.identity["version"])}
+        headers: dict[str, str] = {
+            "x-skewless-model-version": str(self.identity["version"]),
+            "x-request-id": request_id,
+        }
         if arrow:  # bulk: decode, transform and predict off the event loop
-            preds = await asyncio.to_thread(self._decode_and_predict, content_type, body)
+            table, preds = await asyncio.to_thread(self._decode_and_predict, content_type, body)
         else:  # a large body is parsed off the event loop, so other requests keep moving
             if len(body) <= INLINE_JSON_BYTES:
                 table = self._decode(content_type, body)
@@ -375,7 +465,9 @@ class Predictor:
             if isinstance(preds, HttpError):
                 raise preds
             headers["x-skewless-batch-requests"] = str(batched)
-        out, media = encode_response(preds, self.identity, arrow=arrow)
+        if self.live is not None:
+            self.live.observe(request_id, table, preds)
+        out, media = encode_response(preds, self.identity, arrow=arrow, request_id=request_id)
         return out, media, headers, preds
 
     def _decode(self, content_type: str | None, body: bytes) -> pa.Table:
@@ -397,8 +489,9 @@ class Predictor:
             self.metrics.observe_batch(table, preds)
         return preds
 
-    def _decode_and_predict(self, content_type: str | None, body: bytes) -> Any:
-        return self._predict(self._decode(content_type, body))
+    def _decode_and_predict(self, content_type: str | None, body: bytes) -> tuple[pa.Table, Any]:
+        table = self._decode(content_type, body)
+        return table, self._predict(table)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _batched_predict(self, tables: list[pa.Table]) -> list[tuple[Any, int]]:
@@ -433,6 +526,39 @@ class Predictor:
             return self._predict(table)
         except HttpError as err:
             return err
+
+
+def _labels_table(content_type: str | None, body: bytes) -> pa.Table:
+    """A ``POST /labels`` body as the store's labels table (400/415/422 on bad input)."""
+    import json
+
+    from runtime.errors import DataError
+    from runtime.monitoring import labels_table
+
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise HttpError(415, "content-type", content_type, "POST /labels takes application/json")
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise HttpError(400, "body", None, f"not valid JSON: {exc}") from None
+    items = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise HttpError(422, "labels", type(items).__name__, 'a non-empty list of {"request_id", "label", "row"?}')
+    try:
+        table = pa.Table.from_pylist(
+            [
+                {
+                    "request_id": i.get("request_id"),
+                    "label": None if i.get("label") is None else str(i["label"]),
+                    "row": int(i.get("row", 0)),
+                }
+                for i in items
+            ]
+        )
+        return labels_table(table)
+    except (DataError, ValueError, TypeError, pa.ArrowInvalid) as exc:
+        raise HttpError(422, "labels", None, str(exc)) from None
 
 
 def build_predictor_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:

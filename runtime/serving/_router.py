@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse, Response
 
 from runtime.serving._auth import ApiKeyAuth
 from runtime.serving._codec import HttpError
-from runtime.serving._predictor import Answer, read_body
+from runtime.serving._predictor import Answer, read_body, request_id_of
 
 logger = logging.getLogger("ray.serve")
 
@@ -265,14 +265,15 @@ class Router:
                 err.body(), status_code=err.status, media_type="application/json", headers=dict(err.headers)
             )
         content_type = request.headers.get("content-type")
+        request_id = request_id_of(request.headers.get("x-request-id"))  # one id for the live and shadow answers
         arm = self._choose(request)
         t0 = time.perf_counter()
-        answer = await self._call(arm, content_type, body)
+        answer = await self._call(arm, content_type, body, request_id)
         latency_ms = (time.perf_counter() - t0) * 1000
         self._observe(arm, "live", latency_ms, answer)
         shadow = self.config.get("shadow")
         if shadow and shadow["arm"] != arm and answer.status == 200 and random.random() < shadow.get("fraction", 1.0):
-            self._start_shadow(shadow, arm, content_type, body, answer)
+            self._start_shadow(shadow, arm, content_type, body, answer, request_id)
         headers = {**answer.headers, "x-skewless-arm": arm}
         return Response(answer.body, status_code=answer.status, media_type=answer.media_type, headers=headers)
 
@@ -287,11 +288,11 @@ class Router:
         u = stable_unit(key, self.config.get("salt", self.app)) if key else random.random()
         return pick_arm(weights, u)
 
-    async def _call(self, arm: str, content_type: str | None, body: bytes) -> Answer:
+    async def _call(self, arm: str, content_type: str | None, body: bytes, request_id: str) -> Answer:
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
             try:
-                answer: Answer = await self.handles[arm].answer.remote(content_type, body)
+                answer: Answer = await self.handles[arm].answer.remote(content_type, body, request_id)
                 if attempt:
                     self.counters[f"retried_ok:{arm}"] += 1
                 return answer
@@ -315,14 +316,22 @@ class Router:
     # ------------------------------------------------------------------ shadow
 
     def _start_shadow(
-        self, shadow: dict[str, Any], live_arm: str, content_type: str | None, body: bytes, live: Answer
+        self,
+        shadow: dict[str, Any],
+        live_arm: str,
+        content_type: str | None,
+        body: bytes,
+        live: Answer,
+        request_id: str,
     ) -> None:
         if self.shadow_in_flight >= int(shadow.get("max_in_flight", 32)):
             self.counters["shadow_dropped"] += 1
             self.metrics.shadow("dropped")
             return
         self.shadow_in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._shadow(shadow["arm"], live_arm, content_type, body, live))
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(shadow["arm"], live_arm, content_type, body, live, request_id)
+        )
         self.shadow_tasks.add(task)
         task.add_done_callback(self._shadow_done)
 
@@ -330,9 +339,11 @@ class Router:
         self.shadow_in_flight -= 1
         self.shadow_tasks.discard(task)
 
-    async def _shadow(self, arm: str, live_arm: str, content_type: str | None, body: bytes, live: Answer) -> None:
+    async def _shadow(
+        self, arm: str, live_arm: str, content_type: str | None, body: bytes, live: Answer, request_id: str
+    ) -> None:
         t0 = time.perf_counter()
-        response = self.handles[arm].answer.remote(content_type, body)
+        response = self.handles[arm].answer.remote(content_type, body, request_id)
         try:
             answer: Answer = await asyncio.wait_for(_awaited(response), SHADOW_TIMEOUT_S)
         except Exception as exc:  # never the caller's problem: counted

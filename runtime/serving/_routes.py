@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 if TYPE_CHECKING:
     from runtime.serving._predictor import Predictor
 
-__all__ = ["ROUTES", "UNKNOWN_ROUTE", "HealthRoute", "PredictRoute", "Route"]
+__all__ = ["ROUTES", "UNKNOWN_ROUTE", "HealthRoute", "LabelsRoute", "PredictRoute", "Route"]
 
 UNKNOWN_ROUTE = "<unknown>"  # the metrics label of a path that is no route (bounded cardinality)
 
@@ -44,6 +44,16 @@ class PredictRoute(Route):
         return await predictor.predict(request)
 
 
+class LabelsRoute(Route):
+    """``POST /labels``: ground truth for earlier predictions, by request id (monitoring)."""
+
+    path = "/labels"
+    methods = frozenset({"POST"})
+
+    async def handle(self, predictor: Predictor, request: Request) -> Response:
+        return await predictor.labels(request)
+
+
 class HealthRoute(Route):
     """``GET /healthz``: the model identity, load and warm-up times, the GPU budget."""
 
@@ -55,4 +65,4 @@ class HealthRoute(Route):
         return JSONResponse(predictor.health())
 
 
-ROUTES: dict[str, Route] = {route.path: route for route in (PredictRoute(), HealthRoute())}
+ROUTES: dict[str, Route] = {route.path: route for route in (PredictRoute(), LabelsRoute(), HealthRoute())}

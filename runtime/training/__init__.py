@@ -4,7 +4,8 @@ reproduction, and the byte-level LM job.
 - Configs: :class:`TrainJobConfig` (``python -m jobs.train``), :class:`LMJobConfig`
   (``python -m jobs.lm``), :class:`TuneJobConfig` (``python -m jobs.tune``).
 - Steps (:mod:`._driver`): :func:`prepare` -> :func:`fit_preprocessing` -> :func:`train` ->
-  :func:`package` -> :func:`evaluate_holdout` -> :func:`register_run`; :func:`run_training`
+  :func:`package` (which runs :func:`evaluate_holdout` and stores the monitoring reference)
+  -> :func:`register_run`; :func:`run_training`
   composes them, :func:`run_tune` and :func:`reproduce` compose them their own way.
 - The worker loop (:mod:`._worker`) with its frozen :class:`WorkerConfig`, events and
   callbacks (:mod:`runtime.training.callbacks`), one optimizer step (:mod:`._step`), the

@@ -106,6 +106,7 @@ class Fitted:
     head: Head
     model_config: dict[str, Any]  # the packaged model's model.json
     example: pa.Table = field(repr=False)  # a few raw feature rows: MLflow's input example
+    sample: pa.Table = field(repr=False)  # the uniform training sample fit on: the monitoring reference's rows
 
 
 def fit_preprocessing(p: Prepared, progress: Progress = _log) -> Fitted:
@@ -124,7 +125,7 @@ def fit_preprocessing(p: Prepared, progress: Progress = _log) -> Fitted:
     head = Head(classes, p.task.target_scale(prep.transform_label(fitted.sample)))
     model_config = registry.model_json(cfg.model, prep, p.task, head.target_scale)
     example = prep.records_to_table(fitted.sample.slice(0, 3).to_pylist())
-    return Fitted(prep, fitted.train_rows, fitted.sample.num_rows, head, model_config, example)
+    return Fitted(prep, fitted.train_rows, fitted.sample.num_rows, head, model_config, example, fitted.sample)
 
 
 # ---------------------------------------------------------------------- the MLflow run
@@ -346,28 +347,46 @@ class Packaged:
     model_dir: Path
     model_uri: str
     manifest_sha256: str
+    metrics: dict[str, float]  # holdout_*
+    holdout: HoldoutStream
 
 
-def package(f: Fitted, trained: Trained, run: TrackedRun) -> Packaged:
-    """The model directory (weights, model.json, preprocessor.json, manifest), logged as a
-    pyfunc with its artifact manifest."""
+def package(p: Prepared, f: Fitted, trained: Trained, run: TrackedRun, progress: Progress = _log) -> Packaged:
+    """The model directory (weights, model.json, preprocessor.json, the monitoring reference,
+    manifest), evaluated on the holdout as serving loads it, then logged as a pyfunc with its
+    artifact manifest.
+
+    The reference (``reference.json``: the training sample's profile and the model's
+    predictions on it, a calibration fitted on the holdout, the holdout figures) is computed
+    from the packaged model itself, so live windows are judged against what this exact model
+    did at training; it is in the manifest, so it is verified like the weights.
+    """
     import mlflow
+
+    from runtime.monitoring import REFERENCE_FILE, build_reference
 
     # Kept beside the store (not in /tmp): MLflow holds the logged copy, this one is the run's.
     model_dir = registry.skewless_home() / "runs" / run.run_id / "model"
     registry.write_model_dir(model_dir, trained.weights, f.model_config, f.prep)
+    model = registry.load_model_dir(model_dir)
+    metrics, holdout = evaluate_holdout(p, model, progress)
+    reference = build_reference(model, f.sample, holdout.sample, metrics)
+    registry.add_model_file(model_dir, REFERENCE_FILE, reference.to_json())
+    progress(
+        f"monitoring reference: {reference.profile.n_rows:,} training rows profiled"
+        + (f", calibration on {reference.calibration.rows:,} holdout rows" if reference.calibration else "")
+    )
     uri, manifest_sha = registry.log_pyfunc_model(model_dir, f.example)
     mlflow.set_tags({Tag.MODEL_URI: uri, Tag.MANIFEST_SHA256: manifest_sha})
-    return Packaged(model_dir, uri, manifest_sha)
+    return Packaged(model_dir, uri, manifest_sha, metrics, holdout)
 
 
 def evaluate_holdout(
-    p: Prepared, packaged: Packaged, progress: Progress = _log
+    p: Prepared, model: registry.LoadedModel, progress: Progress = _log
 ) -> tuple[dict[str, float], HoldoutStream]:
     """The packaged model, loaded as serving loads it, on the test split (streamed)."""
     import mlflow
 
-    model = registry.load_model_dir(packaged.model_dir)
     holdout = HoldoutStream(lambda: driver_batches(p.splits()["test"], p.cfg.data.path), p.cfg.data.path)
     metrics = evaluate(model, holdout)
     mlflow.log_metrics(metrics)
@@ -394,6 +413,5 @@ def run_training(
     f = fit_preprocessing(p, progress)
     with tracked_run(p, f, extra_tags) as run:
         trained = train(p, f, run, progress, callbacks, storage_path=storage_path)
-        packaged = package(f, trained, run)
-        metrics, holdout = evaluate_holdout(p, packaged, progress)
-        return register_run(run.run_id, cfg, metrics, holdout, progress, packaged.model_dir)
+        packaged = package(p, f, trained, run, progress)
+        return register_run(run.run_id, cfg, packaged.metrics, packaged.holdout, progress, packaged.model_dir)

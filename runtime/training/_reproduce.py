@@ -20,7 +20,7 @@ from runtime.errors import ConfigError, TrainingError
 from runtime.redact import MASK, redact
 from runtime.registry import Tag
 from runtime.training._config import TrainJobConfig
-from runtime.training._driver import Progress, evaluate_holdout, fit_preprocessing, package, prepare, tracked_run, train
+from runtime.training._driver import Progress, fit_preprocessing, package, prepare, tracked_run, train
 from runtime.training._promote import TrainOutcome, register_run
 
 
@@ -105,9 +105,10 @@ def reproduce(model_uri: str, progress: Progress = print, data_path: str | None 
     progress(f"reproducing run {lineage.run_id}: data and inference code match the recorded lineage")
     with tracked_run(p, f, {Tag.REPRODUCES: lineage.run_id}) as run:
         trained = train(p, f, run, progress)
-        packaged = package(f, trained, run)
-        metrics, holdout = evaluate_holdout(p, packaged, progress)
-        outcome = register_run(run.run_id, cfg, metrics, holdout, progress, packaged.model_dir, move_aliases=False)
+        packaged = package(p, f, trained, run, progress)
+        outcome = register_run(
+            run.run_id, cfg, packaged.metrics, packaged.holdout, progress, packaged.model_dir, move_aliases=False
+        )
     _, original_dir = registry.download(lineage.model.uri)
     same = _weights_sha(original_dir) == _weights_sha(outcome.model_dir)
     return Reproduction(lineage.metrics, outcome, same, lineage.record.ingest)

@@ -163,7 +163,6 @@ def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str, met
     from ray import tune
 
     from runtime.training._driver import (
-        evaluate_holdout,
         final_validation,
         fit_preprocessing,
         package,
@@ -179,8 +178,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str, met
     tags = {Tag.PARENT_RUN: parent_run_id, Tag.TUNE_TRIAL: str(trial_id), Tag.TUNE_PARAMS: json.dumps(params)}
     with tracked_run(p, f, tags) as run:
         trained = train(p, f, run, print, run_callbacks=[_report_callback()])
-        packaged = package(f, trained, run)
-        evaluate_holdout(p, packaged, print)
+        package(p, f, trained, run, print)
         # the validation metric of the weights it packaged (early stopping's best epoch's)
         mlflow.log_metric(FINAL + metric, float(final_validation(trained.metrics)[metric]))
 

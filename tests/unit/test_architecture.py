@@ -135,6 +135,7 @@ def test_no_package_level_import_cycle() -> None:
         "runtime.data",
         "runtime.memory",
         "runtime.models",
+        "runtime.monitoring",
         "runtime.preprocessing",
         "runtime.registry",
         "runtime.serving",

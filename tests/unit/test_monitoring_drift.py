@@ -161,7 +161,7 @@ def test_chi2_and_jensen_shannon_are_scipys_on_the_same_counts(profile: Referenc
         r for r in drift_report(profile, _window(profile, live), config=large).features if r.feature == "device"
     )
     assert device.statistic == "jensen_shannon"
-    want = distance.jensenshannon(ref_counts / ref_counts.sum(), live_counts / live_counts.sum(), base=2)
+    want = distance.jensenshannon(ref_counts / ref_counts.sum(), live_counts / live_counts.sum())  # natural log
     assert device.value == pytest.approx(want, rel=1e-9)
 
 

@@ -87,7 +87,7 @@ def test_tracked_run_records_no_credentials(tmp_path: Path, monkeypatch: pytest.
     p = Prepared(
         cfg, spec, task, [*table.column_names], "0" * 64, {**cfg.model_dump(mode="json"), "features": spec_dict}
     )
-    f = Fitted(prep, 2, 2, Head((0, 1)), model_config, table.drop_columns(["churned"]))
+    f = Fitted(prep, 2, 2, Head((0, 1)), model_config, table.drop_columns(["churned"]), table)
     with tracked_run(p, f) as run:
         run_id = run.run_id
     data = mlflow.MlflowClient().get_run(run_id).data

@@ -21,6 +21,7 @@ from runtime.registry import LoadedModel
 from runtime.serving import _metrics
 from runtime.serving._metrics import MAX_LABEL_VALUES, ServingMetrics, exported_names, feature_buckets
 from runtime.tasks import Predictions
+from tests.prometheus import MONITORING_METRICS
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "skewless-serving.json"
 BASE = {"model": "churn", "version": "3"}
@@ -276,7 +277,7 @@ def test_dashboard_queries_use_only_defined_metrics() -> None:
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     from runtime.serving import ROLLOUT_METRICS
 
-    known = exported_names("ray_") | set(ROLLOUT_METRICS)
+    known = exported_names("ray_") | set(ROLLOUT_METRICS) | MONITORING_METRICS
     panels = [p for p in board["panels"] if p["type"] != "row"]
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
@@ -285,7 +286,7 @@ def test_dashboard_queries_use_only_defined_metrics() -> None:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            names = set(re.findall(r"\b(ray_skewless_(?:serve|rollout)_[a-z_]+)", target["expr"]))
+            names = set(re.findall(r"\b(ray_skewless_[a-z_]+)", target["expr"]))
             assert names, (panel["title"], target["expr"])
             assert names <= known, (panel["title"], names - known)
             assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
@@ -299,9 +300,18 @@ def test_dashboard_queries_use_only_defined_metrics() -> None:
         "feature mean",
         "rollout weights",
         "disagreement",
+        "drift verdict",
+        "drift score per feature",
+        "features drifting",
+        "data problems",
+        "estimated vs realised vs reference",
+        "label lag",
+        "prediction-log rows dropped",
     ):
         assert needed in titles, needed
     assert "ray_skewless_serve_request_latency_seconds_bucket" in used
+    # every monitoring metric but the window's row count, which only gates an alert
+    assert MONITORING_METRICS - used == {"ray_skewless_monitor_window_rows"}
 
 
 def test_every_metric_is_documented_in_the_module_docstring() -> None:

@@ -1,0 +1,267 @@
+"""Monitoring inside a serving replica: observe every answered request, flush on an interval.
+
+:meth:`LiveMonitor.observe` is all a request pays: one append to a bounded in-memory buffer
+(no I/O, no lock the request waits on for long, nothing that raises). A daemon thread, every
+``flush_interval_s``, takes the buffer and
+
+- summarises the rows over the model's reference bins (a :class:`WindowSummary`, mergeable
+  across replicas and flushes) and writes it to the store;
+- writes the prediction log's rows: request id, row, time, version, the prediction, its score
+  and a hash of the inputs (Parquet, one file per flush).
+
+When this replica is the evaluator (replica 0 of its deployment), the thread also judges the
+trailing window every ``evaluate_interval_s`` (:func:`evaluate_window`, over every replica's
+flushes) and publishes the verdicts as Prometheus metrics (:class:`MonitorGauges`).
+
+Past ``max_buffered_rows`` rows between flushes, rows are dropped from monitoring and counted;
+a failing store is logged (once a minute) and the rows of that flush are lost, never a request.
+A replica stopped gracefully flushes what it holds; one killed loses at most one interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from runtime.monitoring._drift import DriftConfig
+from runtime.monitoring._profile import WindowSummary
+from runtime.monitoring._reference import ModelReference, prediction_scores, prediction_values
+from runtime.monitoring._store import MonitoringStore
+from runtime.monitoring._window import MonitorReport, evaluate_window
+
+if TYPE_CHECKING:
+    from runtime.tasks import Predictions
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    flush_interval_s: float = 10.0
+    evaluate_interval_s: float = 60.0
+    window_s: float = 3600.0
+    label_window_s: float = 7 * 86400.0
+    log_inputs: str = "hash"
+    max_buffered_rows: int = 200_000
+
+
+@dataclass
+class _Observed:
+    ts: float
+    request_id: str
+    table: pa.Table
+    preds: Predictions
+
+
+class LiveMonitor:
+    """One replica's monitoring (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        app: str,
+        model: str,
+        version: str,
+        replica: str,
+        task: str,
+        reference: ModelReference | None,
+        store: MonitoringStore,
+        settings: LiveSettings,
+        evaluator: bool = False,
+        publish: Callable[[MonitorReport], None] | None = None,
+        count_dropped: Callable[[int], None] | None = None,
+        drift_config: DriftConfig | None = None,
+    ) -> None:
+        self.app, self.model, self.version, self.replica, self.task = app, model, version, replica, task
+        self.reference, self.store, self.settings = reference, store, settings
+        self.evaluator, self.publish, self.count_dropped = evaluator, publish, count_dropped
+        self.drift_config = drift_config
+        self.features = list(reference.features) if reference is not None else None
+        self._buffer: deque[_Observed] = deque()
+        self._buffered_rows = 0
+        self._dropped = 0
+        self._lock = threading.Lock()  # held for an append or a swap, never for I/O
+        self._flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._window_start = time.time()
+        self._last_evaluation = 0.0
+        self._last_error_log = 0.0
+        self.flushes = 0
+        self.last_report: MonitorReport | None = None
+        if reference is not None:
+            try:
+                store.write_reference(app, version, reference.to_json())
+            except Exception as exc:  # the store may come up later; the CLI can read the model's own copy
+                self._log_error("writing the reference", exc)
+
+    # ------------------------------------------------------------------ the request path
+
+    def observe(self, request_id: str, table: pa.Table, preds: Predictions) -> None:
+        """Remember one answered request (O(1); never raises, never blocks on I/O)."""
+        rows = table.num_rows
+        with self._lock:
+            if self._buffered_rows + rows > self.settings.max_buffered_rows:
+                self._dropped += rows
+                return
+            self._buffer.append(_Observed(time.time(), request_id, table, preds))
+            self._buffered_rows += rows
+
+    # ------------------------------------------------------------------ the thread
+
+    def start(self) -> LiveMonitor:
+        self._thread = threading.Thread(target=self._run, name="skewless-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread and flush what is buffered."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.flush_interval_s):
+            self.flush()
+            if self.evaluator and time.time() - self._last_evaluation >= self.settings.evaluate_interval_s:
+                self.evaluate()
+
+    def _log_error(self, doing: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log >= 60:
+            self._last_error_log = now
+            logger.warning("monitoring: %s failed (%s: %s); requests are unaffected", doing, type(exc).__name__, exc)
+
+    def flush(self) -> int:
+        """Write the buffered rows' summary and prediction log; returns the rows written."""
+        with self._flush_lock:
+            with self._lock:
+                items, self._buffer = list(self._buffer), deque()
+                self._buffered_rows = 0
+                dropped, self._dropped = self._dropped, 0
+                start, end = self._window_start, time.time()
+                self._window_start = end
+            if dropped and self.count_dropped is not None:
+                try:
+                    self.count_dropped(dropped)
+                except Exception as exc:
+                    self._log_error("counting dropped rows", exc)
+            if not items and not dropped:
+                return 0
+            try:
+                return self._write(items, start, end, dropped)
+            except Exception as exc:
+                self._log_error(f"flushing {sum(i.table.num_rows for i in items)} rows to {self.store!r}", exc)
+                return 0
+
+    def _write(self, items: list[_Observed], start: float, end: float, dropped: int) -> int:
+        rows = sum(i.table.num_rows for i in items)
+        if self.reference is not None:
+            summary = WindowSummary.empty(self.reference.profile)
+            if items:
+                summary = self._summarise(items)
+            self.store.write_summary(
+                self.app, self.version, self.replica, start, end, summary.to_dict(), dropped, model=self.model
+            )
+        if items:
+            self.store.write_predictions(self.app, self.version, self.replica, end, self._log_table(items))
+        self.flushes += 1
+        return rows
+
+    def _summarise(self, items: list[_Observed]) -> WindowSummary:
+        assert self.reference is not None and self.features is not None
+        values = np.concatenate([prediction_values(self.task, i.preds) for i in items])
+        try:
+            table = pa.concat_tables(
+                [i.table.select([c for c in self.features if c in i.table.column_names]) for i in items],
+                promote_options="permissive",
+            )
+            return WindowSummary.from_table(self.reference.profile, table, predictions=values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # requests of unlike schemas: summarise each, then merge
+            summary = WindowSummary.empty(self.reference.profile)
+            for i in items:
+                values = prediction_values(self.task, i.preds)
+                summary = summary.merge(WindowSummary.from_table(self.reference.profile, i.table, predictions=values))
+            return summary
+
+    def _log_table(self, items: list[_Observed]) -> pa.Table:
+        ids, rows, ts, predictions, scores, hashes = [], [], [], [], [], []
+        for i in items:
+            n = i.table.num_rows
+            ids.append(np.full(n, i.request_id, dtype=object))
+            rows.append(np.arange(n, dtype=np.int32))
+            ts.append(np.full(n, i.ts))
+            predictions.append(np.asarray([str(v) for v in i.preds.values], dtype=object))
+            score = prediction_scores(self.task, i.preds)
+            if score is None:  # a regression's score is its value
+                score = (
+                    np.asarray(i.preds.values, dtype=np.float64) if self.task == "regression" else np.full(n, np.nan)
+                )
+            scores.append(score)
+            if self.settings.log_inputs == "hash":
+                hashes.append(_row_hashes(i.table))
+        columns: dict[str, Any] = {
+            "request_id": pa.array(np.concatenate(ids), pa.string()),
+            "row": pa.array(np.concatenate(rows), pa.int32()),
+            "ts": pa.array(np.concatenate(ts), pa.float64()),
+            "version": pa.array([self.version] * sum(len(r) for r in rows), pa.string()),
+            "prediction": pa.array(np.concatenate(predictions), pa.string()),
+            "score": pa.array(np.concatenate(scores), pa.float64()),
+            "input_hash": pa.array(np.concatenate(hashes), pa.uint64())
+            if hashes
+            else pa.nulls(sum(len(r) for r in rows), pa.uint64()),
+        }
+        return pa.table(columns)
+
+    def evaluate(self) -> MonitorReport | None:
+        """Judge the trailing window and publish the verdicts (the evaluator replica's job)."""
+        self._last_evaluation = time.time()
+        if self.reference is None:
+            return None
+        try:
+            now = time.time()
+            report = evaluate_window(
+                self.store,
+                self.app,
+                self.version,
+                self.reference,
+                since=now - self.settings.window_s,
+                until=now + 1,
+                config=self.drift_config,
+            )
+            if self.settings.label_window_s > self.settings.window_s:
+                from runtime.monitoring._window import join_labels
+
+                longer = self.store.predictions(self.app, self.version, now - self.settings.label_window_s, now + 1)
+                labels = self.store.labels(self.app)
+                report = _with_labels(report, join_labels(longer, labels, self.reference))
+            self.last_report = report
+            if self.publish is not None:
+                self.publish(report)
+            return report
+        except Exception as exc:
+            self._log_error("evaluating the window", exc)
+            return None
+
+
+def _with_labels(report: MonitorReport, labels: Any) -> MonitorReport:
+    from dataclasses import replace
+
+    return replace(report, labels=labels)
+
+
+def _row_hashes(table: pa.Table) -> np.ndarray:
+    """A 64-bit hash of each row's values (pandas' stable object hash)."""
+    import pandas as pd
+
+    frame = table.to_pandas(types_mapper=None)
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
