@@ -77,7 +77,9 @@ class MonitorGauges:
                 self._set("skewless_performance_realised", value, metric=metric)
             self._set("skewless_monitor_label_lag_seconds", report.labels.lag_median_s)
         drift = report.drift
-        if drift is None:
+        if drift is None:  # no traffic in the window: no drift verdict stands
+            self._set("skewless_drift_dataset", 0.0)
+            self._set("skewless_drift_share", 0.0)
             return
         self._set("skewless_drift_dataset", 1.0 if drift.dataset_drift else 0.0)
         self._set("skewless_drift_share", drift.share)

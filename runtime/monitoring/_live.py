@@ -75,7 +75,7 @@ class LiveMonitor:
         reference: ModelReference | None,
         store: MonitoringStore,
         settings: LiveSettings,
-        evaluator: bool = False,
+        evaluator: bool | Callable[[], bool] = False,
         publish: Callable[[MonitorReport], None] | None = None,
         count_dropped: Callable[[int], None] | None = None,
         drift_config: DriftConfig | None = None,
@@ -106,14 +106,21 @@ class LiveMonitor:
     # ------------------------------------------------------------------ the request path
 
     def observe(self, request_id: str, table: pa.Table, preds: Predictions) -> None:
-        """Remember one answered request (O(1); never raises, never blocks on I/O)."""
+        """Remember one answered request (O(1); never raises, never blocks on I/O). Only the
+        model's input columns are kept (a zero-copy selection)."""
         rows = table.num_rows
+        if self.features is not None and table.column_names != self._kept(table):
+            table = table.select(self._kept(table))
         with self._lock:
             if self._buffered_rows + rows > self.settings.max_buffered_rows:
                 self._dropped += rows
                 return
             self._buffer.append(_Observed(time.time(), request_id, table, preds))
             self._buffered_rows += rows
+
+    def _kept(self, table: pa.Table) -> list[str]:
+        assert self.features is not None
+        return [c for c in self.features if c in table.column_names]
 
     # ------------------------------------------------------------------ the thread
 
@@ -122,17 +129,26 @@ class LiveMonitor:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the thread and flush what is buffered."""
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread and flush what is buffered (gives up after ``timeout_s`` if a flush
+        is stuck in the store, so a replica's shutdown never hangs on monitoring)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
-        self.flush()
+        self.flush(lock_timeout_s=timeout_s)
+
+    def is_evaluator(self) -> bool:
+        """Whether this replica judges the window now (re-read each tick: Serve renumbers
+        ranks after a scale-down, so replica 0 may be another replica than at start)."""
+        try:
+            return bool(self.evaluator()) if callable(self.evaluator) else bool(self.evaluator)
+        except Exception:
+            return False
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.flush_interval_s):
             self.flush()
-            if self.evaluator and time.time() - self._last_evaluation >= self.settings.evaluate_interval_s:
+            if time.time() - self._last_evaluation >= self.settings.evaluate_interval_s and self.is_evaluator():
                 self.evaluate()
 
     def _log_error(self, doing: str, exc: BaseException) -> None:
@@ -141,86 +157,98 @@ class LiveMonitor:
             self._last_error_log = now
             logger.warning("monitoring: %s failed (%s: %s); requests are unaffected", doing, type(exc).__name__, exc)
 
-    def flush(self) -> int:
+    def flush(self, lock_timeout_s: float = -1) -> int:
         """Write the buffered rows' summary and prediction log; returns the rows written."""
-        with self._flush_lock:
-            with self._lock:
-                items, self._buffer = list(self._buffer), deque()
-                self._buffered_rows = 0
-                dropped, self._dropped = self._dropped, 0
-                start, end = self._window_start, time.time()
-                self._window_start = end
-            if dropped and self.count_dropped is not None:
-                try:
-                    self.count_dropped(dropped)
-                except Exception as exc:
-                    self._log_error("counting dropped rows", exc)
-            if not items and not dropped:
-                return 0
+        if not self._flush_lock.acquire(timeout=lock_timeout_s):
+            return 0
+        try:
+            return self._flush()
+        finally:
+            self._flush_lock.release()
+
+    def _flush(self) -> int:
+        with self._lock:
+            items, self._buffer = list(self._buffer), deque()
+            self._buffered_rows = 0
+            dropped, self._dropped = self._dropped, 0
+            start, end = self._window_start, time.time()
+            self._window_start = end
+        if dropped and self.count_dropped is not None:
             try:
-                return self._write(items, start, end, dropped)
+                self.count_dropped(dropped)
             except Exception as exc:
-                self._log_error(f"flushing {sum(i.table.num_rows for i in items)} rows to {self.store!r}", exc)
-                return 0
+                self._log_error("counting dropped rows", exc)
+        if not items and not dropped:
+            return 0
+        try:
+            return self._write(items, start, end, dropped)
+        except Exception as exc:
+            self._log_error(f"flushing {sum(i.table.num_rows for i in items)} rows to {self.store!r}", exc)
+            return 0
 
     def _write(self, items: list[_Observed], start: float, end: float, dropped: int) -> int:
+        """The summary and the prediction log, each written on its own: one failing loses only itself."""
         rows = sum(i.table.num_rows for i in items)
+        table = _concat([i.table for i in items]) if items else None
         if self.reference is not None:
-            summary = WindowSummary.empty(self.reference.profile)
-            if items:
-                summary = self._summarise(items)
-            self.store.write_summary(
-                self.app, self.version, self.replica, start, end, summary.to_dict(), dropped, model=self.model
-            )
+            try:
+                summary = WindowSummary.empty(self.reference.profile)
+                if items:
+                    summary = self._summarise(items, table)
+                self.store.write_summary(
+                    self.app, self.version, self.replica, start, end, summary.to_dict(), dropped, model=self.model
+                )
+            except Exception as exc:
+                self._log_error(f"writing the summary of {rows} rows to {self.store!r}", exc)
         if items:
-            self.store.write_predictions(self.app, self.version, self.replica, end, self._log_table(items))
+            self.store.write_predictions(self.app, self.version, self.replica, end, self._log_table(items, table))
         self.flushes += 1
         return rows
 
-    def _summarise(self, items: list[_Observed]) -> WindowSummary:
-        assert self.reference is not None and self.features is not None
+    def _summarise(self, items: list[_Observed], table: pa.Table | None) -> WindowSummary:
+        assert self.reference is not None
         values = np.concatenate([prediction_values(self.task, i.preds) for i in items])
-        try:
-            table = pa.concat_tables(
-                [i.table.select([c for c in self.features if c in i.table.column_names]) for i in items],
-                promote_options="permissive",
-            )
+        if table is not None:
             return WindowSummary.from_table(self.reference.profile, table, predictions=values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # requests of unlike schemas: summarise each, then merge
-            summary = WindowSummary.empty(self.reference.profile)
-            for i in items:
-                values = prediction_values(self.task, i.preds)
-                summary = summary.merge(WindowSummary.from_table(self.reference.profile, i.table, predictions=values))
-            return summary
-
-    def _log_table(self, items: list[_Observed]) -> pa.Table:
-        ids, rows, ts, predictions, scores, hashes = [], [], [], [], [], []
+        summary = WindowSummary.empty(self.reference.profile)  # requests of unlike schemas: each, then merge
         for i in items:
-            n = i.table.num_rows
-            ids.append(np.full(n, i.request_id, dtype=object))
-            rows.append(np.arange(n, dtype=np.int32))
-            ts.append(np.full(n, i.ts))
-            predictions.append(np.asarray([str(v) for v in i.preds.values], dtype=object))
-            score = prediction_scores(self.task, i.preds)
-            if score is None:  # a regression's score is its value
-                score = (
-                    np.asarray(i.preds.values, dtype=np.float64) if self.task == "regression" else np.full(n, np.nan)
+            values = prediction_values(self.task, i.preds)
+            summary = summary.merge(WindowSummary.from_table(self.reference.profile, i.table, predictions=values))
+        return summary
+
+    def _log_table(self, items: list[_Observed], table: pa.Table | None) -> pa.Table:
+        """The prediction log's rows of ``items``, built column by column (no per-row Python)."""
+        counts = np.asarray([i.table.num_rows for i in items], dtype=np.int64)
+        n = int(counts.sum())
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        values = [v for i in items for v in i.preds.values]
+        scores = [prediction_scores(self.task, i.preds) for i in items]
+        if self.task == "regression" or any(s is None for s in scores):
+            score = np.asarray(values, dtype=np.float64) if self.task == "regression" else np.full(n, np.nan)
+        else:
+            score = np.concatenate(scores)  # type: ignore[arg-type]
+        hashes = pa.nulls(n, pa.uint64())
+        if self.settings.log_inputs == "hash":
+            try:
+                hashes = pa.array(
+                    _row_hashes(table) if table is not None else np.concatenate([_row_hashes(i.table) for i in items]),
+                    pa.uint64(),
                 )
-            scores.append(score)
-            if self.settings.log_inputs == "hash":
-                hashes.append(_row_hashes(i.table))
-        columns: dict[str, Any] = {
-            "request_id": pa.array(np.concatenate(ids), pa.string()),
-            "row": pa.array(np.concatenate(rows), pa.int32()),
-            "ts": pa.array(np.concatenate(ts), pa.float64()),
-            "version": pa.array([self.version] * sum(len(r) for r in rows), pa.string()),
-            "prediction": pa.array(np.concatenate(predictions), pa.string()),
-            "score": pa.array(np.concatenate(scores), pa.float64()),
-            "input_hash": pa.array(np.concatenate(hashes), pa.uint64())
-            if hashes
-            else pa.nulls(sum(len(r) for r in rows), pa.uint64()),
-        }
-        return pa.table(columns)
+            except Exception as exc:  # an input type pandas cannot hash: the log keeps no hash
+                self._log_error("hashing the inputs", exc)
+        return pa.table(
+            {
+                "request_id": pa.array(
+                    np.repeat(np.asarray([i.request_id for i in items], dtype=object), counts), pa.string()
+                ),
+                "row": pa.array(np.arange(n, dtype=np.int64) - starts, pa.int32()),
+                "ts": pa.array(np.repeat(np.asarray([i.ts for i in items]), counts), pa.float64()),
+                "version": pa.array(np.full(n, self.version, dtype=object), pa.string()),
+                "prediction": pa.array([str(v) for v in values], pa.string()),
+                "score": pa.array(score, pa.float64()),
+                "input_hash": hashes,
+            }
+        )
 
     def evaluate(self) -> MonitorReport | None:
         """Judge the trailing window and publish the verdicts (the evaluator replica's job)."""
@@ -229,6 +257,7 @@ class LiveMonitor:
             return None
         try:
             now = time.time()
+            labels = self.store.labels(self.app, since=now - self.settings.label_window_s)
             report = evaluate_window(
                 self.store,
                 self.app,
@@ -237,12 +266,12 @@ class LiveMonitor:
                 since=now - self.settings.window_s,
                 until=now + 1,
                 config=self.drift_config,
+                labels=labels,
             )
             if self.settings.label_window_s > self.settings.window_s:
                 from runtime.monitoring._window import join_labels
 
                 longer = self.store.predictions(self.app, self.version, now - self.settings.label_window_s, now + 1)
-                labels = self.store.labels(self.app)
                 report = _with_labels(report, join_labels(longer, labels, self.reference))
             self.last_report = report
             if self.publish is not None:
@@ -257,6 +286,14 @@ def _with_labels(report: MonitorReport, labels: Any) -> MonitorReport:
     from dataclasses import replace
 
     return replace(report, labels=labels)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table | None:
+    """The tables as one, or None when their schemas cannot be unified."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
 
 
 def _row_hashes(table: pa.Table) -> np.ndarray:

@@ -20,6 +20,7 @@ binary classifier, the predicted class for a multiclass one, the value for a reg
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,8 @@ def build_reference(
         except DataError:
             calibration = None  # too few holdout rows or one class: the raw probabilities are used
         expected = estimate_performance(probs, model.classes or list(range(probs.shape[1])), calibration)
-    holdout = {k.removeprefix("holdout_"): float(v) for k, v in holdout_metrics.items()}
+    holdout = {k.removeprefix("holdout_"): float(v) for k, v in holdout_metrics.items() if math.isfinite(v)}
+    expected = {k: float(v) for k, v in expected.items() if math.isfinite(v)}  # AUC of a one-class holdout: NaN
     return ModelReference(task, model.classes, features, profile, calibration, holdout, expected)
 
 

@@ -48,7 +48,11 @@ def default_store_uri() -> str:
 
 
 def _safe(name: str) -> str:
-    return _SAFE.sub("_", name) or "_"
+    """``name`` as one path segment: other characters become ``_``, and ``.``/``..`` are refused."""
+    safe = _SAFE.sub("_", name) or "_"
+    if safe in (".", ".."):
+        raise ConfigError(f"{name!r} cannot name an application or version in the monitoring store")
+    return safe
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class MonitoringStore:
             self.fs, root = pafs.FileSystem.from_uri(self.uri if "://" in self.uri else os.path.abspath(self.uri))
         except (pa.ArrowInvalid, OSError, ValueError) as exc:
             raise ConfigError(
-                f"monitoring.store: {redact(self.uri)!r} is not a directory or pyarrow.fs URI ({exc}); "
+                f"monitoring.store: {redact(self.uri)!r} is not a directory or pyarrow.fs URI ({redact(str(exc))}); "
                 "use a path or s3://bucket/prefix, gs://..., hdfs://..."
             ) from None
         self.root = root.rstrip("/")
@@ -126,7 +130,8 @@ class MonitoringStore:
             "dropped": dropped,
             "summary": summary,
         }
-        self._write(path, json.dumps(body, allow_nan=False).encode())
+        # allow_nan: an extreme input (1e300 squared) makes a moment inf; Python's JSON reads it back
+        self._write(path, json.dumps(body).encode())
         return path
 
     def write_predictions(self, app: str, version: str, replica: str, end: float, table: pa.Table) -> str:
@@ -217,22 +222,20 @@ class MonitoringStore:
             mask = upper if mask is None else pc.and_(mask, upper)
         return table if mask is None else table.filter(mask)
 
-    def labels(self, app: str) -> pa.Table:
-        """Every label received, the latest per (request_id, row)."""
+    def labels(self, app: str, since: float | None = None) -> pa.Table:
+        """The labels received (in files written since ``since``), the latest per (request_id, row)."""
         tables = []
         for path in self._files(self._path(app, "labels")):
+            if since is not None and _times(path)[0] < since:
+                continue  # a label is written after its prediction: older files hold older predictions' labels
             with self.fs.open_input_file(path) as f:
                 tables.append(pq.read_table(f))
         if not tables:
             return LABEL_SCHEMA.empty_table()
-        table = pa.concat_tables(tables).sort_by([("labelled_at", "descending")])
-        seen: set[tuple[str, int]] = set()
-        keep = []
-        for i, (rid, row) in enumerate(zip(table["request_id"].to_pylist(), table["row"].to_pylist(), strict=True)):
-            if (rid, row) not in seen:
-                seen.add((rid, row))
-                keep.append(i)
-        return table.take(keep)
+        table = pa.concat_tables(tables)
+        frame = table.to_pandas()
+        frame = frame.sort_values("labelled_at", kind="stable").drop_duplicates(["request_id", "row"], keep="last")
+        return pa.Table.from_pandas(frame, schema=LABEL_SCHEMA, preserve_index=False)
 
     def reference(self, app: str, version: str) -> str | None:
         path = self._path(app, "references", f"v={_safe(version)}.json")

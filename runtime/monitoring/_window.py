@@ -10,6 +10,7 @@ The replica that evaluates on an interval, the CLI and the report all call it.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ from runtime.monitoring._profile import WindowSummary
 from runtime.monitoring._reference import ModelReference
 from runtime.monitoring._retrain import RetrainCosts, RetrainDecision, retrain_decision
 from runtime.monitoring._store import MonitoringStore
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -201,41 +204,71 @@ def merged_window(
     return window, flushes, len(replicas), dropped, model
 
 
+def class_keys(classes: list[Any] | None) -> dict[str, int]:
+    """Each spelling of each class, to its index: ``str(c)`` as the log writes it, and for a
+    number or a boolean the spellings a labels file or a JSON client uses (``1`` for ``1.0``,
+    ``true``/``1`` for ``True``), so a correct label is never counted wrong for its spelling."""
+    keys: dict[str, int] = {}
+    for i, c in enumerate(classes or []):
+        spellings = {str(c)}
+        if isinstance(c, bool):
+            spellings |= {str(c).lower(), str(int(c))}
+        elif isinstance(c, (int, float)) and float(c).is_integer():
+            spellings |= {str(int(c)), str(float(c))}
+        for spelling in spellings:
+            keys.setdefault(spelling, i)
+    return keys
+
+
 def join_labels(predictions: pa.Table, labels: pa.Table, reference: ModelReference) -> LabelJoin:
-    """Realised performance of the logged ``predictions`` that have a label in ``labels``."""
+    """Realised performance of the logged ``predictions`` that have a label in ``labels``.
+
+    A request id logged twice (a client reusing ids, a retried call) counts once, its latest
+    prediction; labels that name no class (classification) or no number (regression), and
+    non-finite predictions, are left out rather than counted wrong.
+    """
     n = predictions.num_rows
     if n == 0 or labels.num_rows == 0:
         return LabelJoin(n, 0, {}, None, None)
-    joined = predictions.join(labels, keys=["request_id", "row"], join_type="inner", use_threads=False)
-    labelled = joined.num_rows
-    if labelled == 0:
-        return LabelJoin(n, 0, {}, None, None)
-    lag = np.asarray(joined["labelled_at"].to_numpy(zero_copy_only=False)) - np.asarray(
-        joined["ts"].to_numpy(zero_copy_only=False)
-    )
-    predicted = joined["prediction"].to_pylist()
-    truth = joined["label"].to_pylist()
+    frame = predictions.select(["request_id", "row", "ts", "prediction", "score"]).to_pandas()
+    frame = frame.sort_values("ts", kind="stable").drop_duplicates(["request_id", "row"], keep="last")
+    joined = frame.merge(labels.to_pandas(), on=["request_id", "row"], how="inner")
+    if joined.empty:
+        return LabelJoin(len(frame), 0, {}, None, None)
+    metrics: dict[str, float] = {}
     if reference.task == "regression":
-        try:
-            metrics = realised_performance(
-                "regression", np.asarray(predicted, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-            )
-        except ValueError as exc:
-            raise DataError(f"labels of a regression must be numbers: {exc}") from None
+        import pandas as pd
+
+        truth = pd.to_numeric(joined["label"], errors="coerce").to_numpy(dtype=np.float64)
+        predicted = pd.to_numeric(joined["prediction"], errors="coerce").to_numpy(dtype=np.float64)
+        ok = np.isfinite(truth) & np.isfinite(predicted)
+        joined = joined[ok]
+        if ok.any():
+            metrics = realised_performance("regression", predicted[ok], truth[ok])
     else:
-        probabilities = None
-        if reference.task == "binary" and reference.classes:
-            scores = np.asarray(joined["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
-            probabilities = np.stack([1.0 - scores, scores], axis=1)
-        metrics = realised_performance(
-            reference.task,
-            np.asarray([str(p) for p in predicted], dtype=object),
-            np.asarray([str(t) for t in truth], dtype=object),
-            probabilities=probabilities,
-            classes=[str(c) for c in reference.classes or []],
-        )
-    metrics = {k: float(v) for k, v in metrics.items() if k != "rows" and not math.isnan(float(v))}
-    return LabelJoin(n, labelled, metrics, float(np.median(lag)), float(np.percentile(lag, 90)))
+        keys = class_keys(reference.classes)
+        truth = joined["label"].map(keys)
+        predicted = joined["prediction"].map(keys)
+        ok = (truth.notna() & predicted.notna()).to_numpy()
+        joined = joined[ok]
+        if ok.any():
+            t = truth[ok].to_numpy(dtype=np.int64)
+            p = predicted[ok].to_numpy(dtype=np.int64)
+            metrics = {"accuracy": float(np.mean(p == t))}
+            scores = joined["score"].to_numpy(dtype=np.float64)
+            finite = np.isfinite(scores)
+            if reference.task == "binary" and finite.any():
+                probabilities = np.stack([1.0 - scores[finite], scores[finite]], axis=1)
+                auc = realised_performance(
+                    "binary", p[finite], t[finite], probabilities=probabilities, classes=[0, 1]
+                ).get("auc")
+                if auc is not None:
+                    metrics["auc"] = float(auc)
+    metrics = {k: float(v) for k, v in metrics.items() if k != "rows" and math.isfinite(float(v))}
+    if joined.empty:
+        return LabelJoin(len(frame), 0, {}, None, None)
+    lag = joined["labelled_at"].to_numpy(dtype=np.float64) - joined["ts"].to_numpy(dtype=np.float64)
+    return LabelJoin(len(frame), len(joined), metrics, float(np.median(lag)), float(np.percentile(lag, 90)))
 
 
 def evaluate_window(
@@ -255,10 +288,15 @@ def evaluate_window(
     drift = drift_report(reference.profile, window, config=config) if window.n_rows else None
     predictions = store.predictions(app, version, since, until)
     estimated: dict[str, float] = {}
-    if predictions.num_rows and reference.task in ("binary", "multiclass"):
-        scores = np.asarray(predictions["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
-        estimated = {k: v for k, v in reference.estimate(scores[np.isfinite(scores)]).items() if k != "rows"}
-    joined = join_labels(predictions, store.labels(app) if labels is None else labels, reference)
+    joined: LabelJoin | None = None
+    try:  # the estimate and the labels never keep the drift verdict from being reported
+        if predictions.num_rows and reference.task in ("binary", "multiclass"):
+            scores = np.asarray(predictions["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
+            estimate = reference.estimate(scores[np.isfinite(scores)])
+            estimated = {k: v for k, v in estimate.items() if k != "rows" and math.isfinite(v)}
+        joined = join_labels(predictions, store.labels(app, since=since) if labels is None else labels, reference)
+    except (DataError, ValueError, KeyError, pa.ArrowException) as exc:
+        logger.warning("monitoring: %s version %s: performance not computed (%s)", app, version, exc)
     return MonitorReport(
         app,
         version,

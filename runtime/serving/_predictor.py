@@ -124,6 +124,12 @@ def request_id_of(header: str | None) -> str:
     return header if header else uuid.uuid4().hex
 
 
+def _is_replica_zero() -> bool:
+    """Whether this replica is rank 0 of its deployment now (Serve renumbers after a scale-down)."""
+    rank = serve.get_replica_context().rank
+    return getattr(rank, "rank", rank) == 0
+
+
 def _error_response(err: HttpError) -> Response:
     return Response(err.body(), status_code=err.status, media_type="application/json", headers=dict(err.headers))
 
@@ -301,7 +307,6 @@ class Predictor:
             from runtime.monitoring import LiveMonitor, LiveSettings, MonitorGauges, MonitoringStore, load_reference
 
             context = serve.get_replica_context()
-            rank = getattr(context.rank, "rank", context.rank)
             reference = load_reference(self.model.directory)
             if reference is None:
                 logger.info(
@@ -309,7 +314,7 @@ class Predictor:
                     self.args.model_uri,
                 )
             model, version = self.monitoring_identity()
-            gauges = MonitorGauges(model, version) if rank == 0 else None
+            gauges = MonitorGauges(model, version)
             live = LiveMonitor(
                 app=context.app_name,
                 model=model,
@@ -319,9 +324,9 @@ class Predictor:
                 reference=reference,
                 store=MonitoringStore(settings.store),
                 settings=LiveSettings(**settings.model_dump(exclude={"enabled", "store"})),
-                evaluator=rank == 0,
-                publish=None if gauges is None else gauges.publish,
-                count_dropped=None if gauges is None else gauges.count_dropped,
+                evaluator=_is_replica_zero,
+                publish=gauges.publish,
+                count_dropped=gauges.count_dropped,
             )
             return live.start()
         except Exception as exc:

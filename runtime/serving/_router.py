@@ -274,7 +274,8 @@ class Router:
         shadow = self.config.get("shadow")
         if shadow and shadow["arm"] != arm and answer.status == 200 and random.random() < shadow.get("fraction", 1.0):
             self._start_shadow(shadow, arm, content_type, body, answer, request_id)
-        headers = {**answer.headers, "x-skewless-arm": arm}
+        # Serve's proxy answers with the x-request-id header itself: the arm's copy would double it
+        headers = {**{k: v for k, v in answer.headers.items() if k != "x-request-id"}, "x-skewless-arm": arm}
         return Response(answer.body, status_code=answer.status, media_type=answer.media_type, headers=headers)
 
     def _public_config(self) -> dict[str, Any]:

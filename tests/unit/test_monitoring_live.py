@@ -31,11 +31,14 @@ from runtime.monitoring import (
 from runtime.registry import LoadedModel, load_model_dir, verify_model_dir
 from tests.monitored_model import packaged_with_reference
 
+MODEL_DIR: list[Path] = []
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """A small MLP trained for a few steps on synthetic churn rows, packaged with its reference."""
-    return load_model_dir(packaged_with_reference(tmp_path_factory.mktemp("live")))
+    MODEL_DIR[:] = [packaged_with_reference(tmp_path_factory.mktemp("live"))]
+    return load_model_dir(MODEL_DIR[0])
 
 
 def _rows(n: int, seed: int, shift: dict[str, float] | None = None, tmp: Path | None = None) -> pa.Table:
@@ -277,3 +280,57 @@ def test_the_cli_reads_drift_labels_report_and_decides(model: LoadedModel, tmp_p
 
     missing = runner.invoke(app, ["monitor", "drift", "nope", *s])
     assert missing.exit_code != 0 and "no monitoring data for app 'nope'" in str(missing.exception)
+
+
+def test_the_label_join_reads_a_class_however_it_is_spelled_and_counts_a_request_once(model: LoadedModel) -> None:
+    """Float classes logged as "1.0" and labelled "1" (a CSV, a JSON client) match; a request id
+    logged twice (a retry, a reused id) counts once; a NaN score or an unknown label is left out."""
+    from dataclasses import replace
+
+    from runtime.monitoring import join_labels
+
+    reference = load_reference(MODEL_DIR[0])
+    assert reference is not None
+    floaty = replace(reference, classes=[0.0, 1.0])
+    predictions = pa.table(
+        {
+            "request_id": ["a", "b", "c", "c", "d", "e"],
+            "row": pa.array([0, 0, 0, 0, 0, 0], pa.int32()),
+            "ts": [1.0, 1.0, 1.0, 2.0, 1.0, 1.0],
+            "prediction": ["1.0", "0.0", "0.0", "1.0", "1.0", "1.0"],
+            "score": [0.9, 0.2, 0.3, 0.8, float("nan"), 0.7],
+        }
+    )
+    labels = pa.table(
+        {
+            "request_id": ["a", "b", "c", "d", "e"],
+            "row": pa.array([0, 0, 0, 0, 0], pa.int32()),
+            "label": ["1", "0", "1", "1", "maybe"],
+            "labelled_at": [5.0] * 5,
+        }
+    )
+    joined = join_labels(predictions, labels, floaty)
+    assert joined.predictions == 5 and joined.labelled == 4  # "c" once (its latest), "e" has no class
+    assert joined.metrics["accuracy"] == 1.0 and "auc" in joined.metrics  # d's NaN score only leaves the AUC
+
+
+def test_an_extreme_input_does_not_cost_the_flush(model: LoadedModel, tmp_path: Path) -> None:
+    store = MonitoringStore(str(tmp_path / "store"))
+    monitor = _monitor(model, store, "r0")
+    part = _rows(20, seed=8, tmp=tmp_path).drop_columns(["churned"])
+    income = part["income"].to_pylist()
+    income[0], income[1] = 1e300, -1e300  # squared in the moments: inf
+    part = part.set_column(part.column_names.index("income"), "income", pa.array(income, pa.float64()))
+    monitor.observe("big", part, model.predict_table(part))
+    assert monitor.flush() == 20
+    assert sum(f.rows for f in store.summaries("churn", "3")) == 20 and store.predictions("churn").num_rows == 20
+
+
+def test_the_store_refuses_dot_names_and_redacts_its_uri() -> None:
+    from runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        MonitoringStore("s3://AKIAEXAMPLE:s3cr3t@bucket/x?region=%%%").write_labels(
+            "..", pa.table({"request_id": ["a"], "label": ["1"]})
+        )
+    assert "s3cr3t" not in str(err.value)
