@@ -106,11 +106,8 @@ class LiveMonitor:
     # ------------------------------------------------------------------ the request path
 
     def observe(self, request_id: str, table: pa.Table, preds: Predictions) -> None:
-        """Remember one answered request (O(1); never raises, never blocks on I/O). Only the
-        model's input columns are kept (a zero-copy selection)."""
+        """Remember one answered request (O(1), about 2 µs; never raises, never blocks on I/O)."""
         rows = table.num_rows
-        if self.features is not None and table.column_names != self._kept(table):
-            table = table.select(self._kept(table))
         with self._lock:
             if self._buffered_rows + rows > self.settings.max_buffered_rows:
                 self._dropped += rows
@@ -190,6 +187,8 @@ class LiveMonitor:
         """The summary and the prediction log, each written on its own: one failing loses only itself."""
         rows = sum(i.table.num_rows for i in items)
         table = _concat([i.table for i in items]) if items else None
+        if table is not None and self.features is not None:
+            table = table.select(self._kept(table))  # the model's inputs only (an Arrow body may carry more)
         if self.reference is not None:
             try:
                 summary = WindowSummary.empty(self.reference.profile)
