@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from runtime.cli._cluster import cluster_app
 from runtime.cli._monitor import monitor_app
 
 console = Console(highlight=False, soft_wrap=True)
@@ -36,6 +37,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
 app.add_typer(data_app, name="data")
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(cluster_app, name="cluster")
 
 
 def _progress(msg: str) -> None:

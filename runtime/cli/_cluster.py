@@ -26,6 +26,11 @@ SETTINGS_HELP = (
 )
 
 
+@cluster_app.callback()
+def _group() -> None:
+    """A command group even while `render` is its only command (`skewless cluster render`)."""
+
+
 @cluster_app.command("render")
 def render(
     out: Annotated[Path, typer.Option(help="Directory to write aws.yaml, gcp.yaml and kubernetes/ into.")] = Path(
@@ -47,8 +52,9 @@ def render(
 ) -> None:
     """Render the cloud (`ray up`) and Kubernetes (KubeRay) specs from the job and Serve configs.
 
-    Each spec is validated against its schema (Ray's ray-schema.json, KubeRay v1.7.0's CRDs)
-    before it is written; edit the configs, never the output, and re-render.
+    Each spec is checked against its schema (Ray's ray-schema.json, KubeRay v1.7.0's CRDs) before it is written.
+
+    Edit the configs, never the output, then re-render; account values (bucket, AMI, project) go in with --set.
 
     Example: skewless cluster render --set aws_ami=ami-0123456789abcdef0 --set aws_bucket=my-bucket --out my-cluster/
     """

@@ -19,7 +19,7 @@ A ``ray up`` cluster, secure by default:
   go through it (``--serve-artifacts``) to the bucket, so only the head needs bucket credentials
   (Ray's default head role/service account has them).
 - Ray's GCS, raylets and metrics export listen on the node IP, guarded by the token and the
-  cloud firewall (Ray's default security group / network admits SSH from outside, nothing else).
+  cloud firewall (what ``ray up`` sets up admits SSH from outside, not Ray's ports).
 - Only the project's code travels (``PROJECT_MOUNTS``), never a ``.env`` or a key file.
 
 Account-specific values (bucket, AMI, project) are :class:`CloudSettings`, listed in each file's
