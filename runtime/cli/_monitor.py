@@ -226,6 +226,9 @@ def monitor_retrain_check(
         float | None, typer.Option(help="One run's wall-clock hours (default: median of past runs in MLflow).")
     ] = None,
     currency: Annotated[str, typer.Option(help="Currency name for the figures.")] = "USD",
+    noise_z: Annotated[
+        float, typer.Option(min=0.0, help="Standard errors of sampling noise left out of the accuracy drop (0: none).")
+    ] = 1.645,
     submit: Annotated[Path | None, typer.Option(help="Training job YAML to submit when the answer is retrain.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address for --submit.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
@@ -248,7 +251,9 @@ def monitor_retrain_check(
         configure_mlflow()
         training_hours, runs = past_hours(report.model)
     costs = RetrainCosts(cost_per_error, compute_price, traffic, horizon_days, currency)
-    decision = retrain_check(report, costs, training_hours=training_hours, runs_counted=runs, workers=workers)
+    decision = retrain_check(
+        report, costs, training_hours=training_hours, runs_counted=runs, workers=workers, z=noise_z
+    )
     if as_json:
         console.print_json(json.dumps(decision.to_dict(), default=str))
     else:

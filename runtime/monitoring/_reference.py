@@ -72,6 +72,7 @@ class ModelReference:
     calibration: Calibration | None = None
     holdout: Mapping[str, float] = field(default_factory=dict)  # metric -> value, no prefix
     expected: Mapping[str, float] = field(default_factory=dict)  # CBPE on the holdout
+    holdout_rows: int = 0  # the rows the holdout figures are over (their sampling noise)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +84,7 @@ class ModelReference:
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "holdout": dict(self.holdout),
             "expected": dict(self.expected),
+            "holdout_rows": self.holdout_rows,
         }
 
     def to_json(self) -> str:
@@ -105,6 +107,7 @@ class ModelReference:
                 calibration=None if calibration is None else Calibration.from_dict(calibration),
                 holdout={k: float(v) for k, v in data.get("holdout", {}).items()},
                 expected={k: float(v) for k, v in data.get("expected", {}).items()},
+                holdout_rows=int(data.get("holdout_rows", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"the model's reference is malformed ({exc!r}); retrain to recompute it") from exc
@@ -138,6 +141,7 @@ def build_reference(
     holdout_metrics: Mapping[str, float],
     *,
     bins: int = 20,
+    holdout_rows: int | None = None,
 ) -> ModelReference:
     """The reference of ``model``: its training split's profile (``train_sample``, a uniform
     sample, at most ``REFERENCE_ROWS`` rows used) and a calibration fitted on ``holdout_sample``."""
@@ -165,7 +169,8 @@ def build_reference(
         expected = estimate_performance(probs, model.classes or list(range(probs.shape[1])), calibration)
     holdout = {k.removeprefix("holdout_"): float(v) for k, v in holdout_metrics.items() if math.isfinite(v)}
     expected = {k: float(v) for k, v in expected.items() if math.isfinite(v)}  # AUC of a one-class holdout: NaN
-    return ModelReference(task, model.classes, features, profile, calibration, holdout, expected)
+    rows = holdout_rows if holdout_rows is not None else (holdout_sample.num_rows if holdout_sample is not None else 0)
+    return ModelReference(task, model.classes, features, profile, calibration, holdout, expected, rows)
 
 
 def load_reference(model_dir: str | Path) -> ModelReference | None:

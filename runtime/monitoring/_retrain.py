@@ -79,6 +79,8 @@ class RetrainDecision:
     min_labels: int
     reference_accuracy: float
     observed_accuracy: float | None  # the realised or estimated accuracy the degradation is from
+    noise: float = 0.0  # the margin left out of the drop: z x its standard error (sampling noise)
+    z: float = 0.0
 
     def explain(self) -> str:
         """The arithmetic in words, ending with the decision."""
@@ -91,6 +93,14 @@ class RetrainDecision:
                 source = f"estimated without labels (CBPE): {self.labelled_rows:,} labels < {self.min_labels:,} needed"
         else:
             source = "no labels and no estimate to measure it"
+        if self.noise > 0 and self.observed_accuracy is not None:
+            drop = self.reference_accuracy - self.observed_accuracy
+            source += (
+                f"; accuracy {_num(self.reference_accuracy)} -> {_num(self.observed_accuracy)}, less "
+                f"{_num(self.noise)} of sampling noise (z {self.z:g} x its standard error)"
+            )
+            if drop > 0 and self.degradation == 0:
+                source += ": the drop is within the noise"
         keep = (
             f"keep: {_num(self.degradation)} more errors per prediction ({source}) x {_num(c.traffic_per_day)} "
             f"predictions/day x {_num(c.horizon_days)} days x {_money(c.cost_per_error, c.currency)} "
@@ -128,6 +138,9 @@ def retrain_decision(
     workers: int = 1,
     data_problems: Sequence[str | DataProblem] = (),
     min_labels: int = 200,
+    reference_rows: int = 0,
+    observed_rows: int | None = None,
+    z: float = 1.645,
 ) -> RetrainDecision:
     """Retrain iff the extra errors of keeping the model cost more than a retrain.
 
@@ -137,6 +150,11 @@ def retrain_decision(
     ``training_hours`` is the wall-clock hours of one run (:func:`training_hours` gives the
     median of past runs and ``runs_counted``); None refuses to retrain, since the cost is
     unknown. Any ``data_problems`` refuse it too. See the module docstring for the assumptions.
+
+    A drop within sampling noise is not a degradation: ``z`` standard errors of the difference
+    of two accuracies (the holdout's over ``reference_rows``, the window's over ``observed_rows``:
+    the labelled rows, or the rows the estimate averaged; binomial) are taken off it first. With
+    ``z = 0`` (or no row counts) the drop is taken at face value.
     """
     _check_accuracy("reference_accuracy", reference_accuracy)
     realised = _measured("realised_accuracy", realised_accuracy)
@@ -160,7 +178,16 @@ def retrain_decision(
         observed, source = estimated, "estimate"
     else:
         observed, source = None, "none"
-    degradation = 0.0 if observed is None else max(0.0, reference_accuracy - observed)
+    noise = 0.0
+    if observed is not None and z > 0:
+        rows = labelled_rows if source == "labels" else (observed_rows or 0)
+        variance = 0.0
+        if reference_rows > 0:
+            variance += reference_accuracy * (1 - reference_accuracy) / reference_rows
+        if rows > 0:
+            variance += observed * (1 - observed) / rows
+        noise = z * math.sqrt(variance)
+    degradation = 0.0 if observed is None else max(0.0, reference_accuracy - observed - noise)
     keep_cost = degradation * costs.traffic_per_day * costs.horizon_days * costs.cost_per_error
     retrain_cost = None if training_hours is None else training_hours * workers * costs.compute_price_per_hour
     problems = tuple(str(p) for p in data_problems)
@@ -208,6 +235,8 @@ def retrain_decision(
         min_labels=min_labels,
         reference_accuracy=reference_accuracy,
         observed_accuracy=observed,
+        noise=noise,
+        z=z if noise > 0 else 0.0,
     )
 
 

@@ -341,6 +341,7 @@ def retrain_check(
     runs_counted: int = 0,
     workers: int = 1,
     min_labels: int = 200,
+    z: float = 1.645,
 ) -> RetrainDecision:
     """The retraining decision for a judged window (:func:`retrain_decision` on its figures).
 
@@ -370,4 +371,7 @@ def retrain_check(
         workers=workers,
         data_problems=report.retrain_blocked_by,
         min_labels=min_labels,
+        reference_rows=reference.holdout_rows,
+        observed_rows=report.rows,
+        z=z,
     )

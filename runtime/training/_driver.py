@@ -370,7 +370,7 @@ def package(p: Prepared, f: Fitted, trained: Trained, run: TrackedRun, progress:
     registry.write_model_dir(model_dir, trained.weights, f.model_config, f.prep)
     model = registry.load_model_dir(model_dir)
     metrics, holdout = evaluate_holdout(p, model, progress)
-    reference = build_reference(model, f.sample, holdout.sample, metrics)
+    reference = build_reference(model, f.sample, holdout.sample, metrics, holdout_rows=holdout.rows)
     registry.add_model_file(model_dir, REFERENCE_FILE, reference.to_json())
     progress(
         f"monitoring reference: {reference.profile.n_rows:,} training rows profiled"
