@@ -11,26 +11,74 @@ A new local instance gets more logical CPUs than the machine has cores (at least
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from runtime.errors import ConfigError
 
 __all__ = [
+    "CURRENT_CLUSTER",
     "DEFAULT_DASHBOARD",
     "HEADROOM_CPUS",
     "check_placeable",
+    "clusters_dir",
     "connect",
     "cpus_for",
+    "current_cluster_env",
     "dashboard_address",
     "started_locally",
+    "use_current_cluster",
 ]
 
 # Where `ray start --head` puts the dashboard (Jobs and Serve REST APIs) by default.
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 _started_here = False
+
+# In $SKEWLESS_HOME/clusters: which cluster `skewless cluster up` started last (runtime.cluster).
+CURRENT_CLUSTER = "current.json"
+
+
+def clusters_dir() -> Path:
+    """Where `skewless cluster up` keeps each local cluster's state."""
+    return Path(os.path.expanduser(os.environ.get("SKEWLESS_HOME", "~/.skewless"))).resolve() / "clusters"
+
+
+def current_cluster_env() -> dict[str, str]:
+    """What a client needs to reach the cluster `skewless cluster up` started last (its
+    dashboard, token path and tracking server), or {} when none is up."""
+    pointer = clusters_dir() / CURRENT_CLUSTER
+    try:
+        name = json.loads(pointer.read_text())["name"]
+        state = json.loads((clusters_dir() / name / "cluster.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {
+        "RAY_ADDRESS": state["dashboard"],
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": state["token_path"],
+        "MLFLOW_TRACKING_URI": state["tracking_uri"],
+    }
+
+
+def use_current_cluster() -> str | None:
+    """Adopt the current cluster's client settings (where not set already); its dashboard."""
+    env = current_cluster_env()
+    if not env:
+        return None
+    for key, value in env.items():
+        if key != "RAY_ADDRESS":
+            os.environ.setdefault(key, value)
+    import sys
+
+    if "ray._raylet" in sys.modules:  # Ray read RAY_AUTH_MODE at import: refresh it, as ray.init does
+        with contextlib.suppress(Exception):  # an older Ray: the CLI sets them before importing it anyway
+            sys.modules["ray._raylet"].Config.initialize("")
+    return env["RAY_ADDRESS"]
 
 
 # Logical CPUs a new local instance keeps free beside the Train workers: Ray Data tasks, the
@@ -100,5 +148,6 @@ def check_placeable(training: Any, resources: dict[str, float]) -> None:
 
 def dashboard_address(address: str | None = None) -> str:
     """The Ray dashboard (Jobs and Serve REST APIs) to talk to: ``address`` if given, else
-    ``RAY_ADDRESS``, else the local default, as Ray's own ``ray job`` and ``serve`` CLIs do."""
-    return address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
+    ``RAY_ADDRESS``, else the cluster `skewless cluster up` started last, else the local
+    default, as Ray's own ``ray job`` and ``serve`` CLIs do."""
+    return address or os.environ.get("RAY_ADDRESS") or use_current_cluster() or DEFAULT_DASHBOARD

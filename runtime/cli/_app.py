@@ -25,7 +25,7 @@ app = typer.Typer(
     name="skewless",
     help="Train a PyTorch model on Ray and serve it with no training-serving skew.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
 )
 train_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
@@ -52,7 +52,10 @@ def demo(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Serve HTTP port on 127.0.0.1.")] = 8000,
     keep_serving: Annotated[bool, typer.Option(help="Keep the endpoint up until Ctrl-C.")] = False,
 ) -> None:
-    """Generate data, train on Ray, register in MLflow, serve, query, and check parity."""
+    """Generate data, train on Ray, register in MLflow, serve, query, and check parity.
+
+    Example: skewless demo --keep-serving
+    """
     from runtime.connect import started_locally
     from runtime.demo import run_demo
     from runtime.redact import redact
@@ -87,7 +90,10 @@ def demo(
 
 @train_app.command("run")
 def train_run(config: Annotated[Path, typer.Argument(help="Training job YAML.")]) -> None:
-    """Run a training job from this process (starts or joins Ray)."""
+    """Run a training job from this process (starts or joins Ray).
+
+    Example: skewless train run jobs/configs/churn.yaml
+    """
     from runtime.training import load_train_config, run_training
 
     cfg = load_train_config(config)
@@ -104,7 +110,12 @@ def train_submit(
     address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
 ) -> None:
-    """Submit a training job through Ray's Jobs API (validated here first)."""
+    """Submit a training job through Ray's Jobs API (validated here first).
+
+    Without --address: $RAY_ADDRESS, else the cluster `skewless cluster up` started, else 127.0.0.1:8265.
+
+    Example: skewless train submit jobs/configs/churn.yaml --no-wait
+    """
     from runtime.cluster import follow_logs, job_info, submit_job
     from runtime.training import job_files
 
@@ -127,7 +138,10 @@ def train_submit(
 
 @train_app.command("status")
 def train_status(job_id: str, address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None) -> None:
-    """Show a job's status."""
+    """Show a job's status.
+
+    Example: skewless train status raysubmit_XYZ
+    """
     from runtime.cluster import job_info
 
     info = job_info(job_id, address)
@@ -140,7 +154,10 @@ def train_logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
     address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
 ) -> None:
-    """Print a job's logs."""
+    """Print a job's logs.
+
+    Example: skewless train logs raysubmit_XYZ --follow
+    """
     from runtime.cluster import follow_logs, job_logs
 
     if follow:
@@ -151,7 +168,10 @@ def train_logs(
 
 @train_app.command("stop")
 def train_stop(job_id: str, address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None) -> None:
-    """Ask Ray to stop a running job."""
+    """Ask Ray to stop a running job.
+
+    Example: skewless train stop raysubmit_XYZ
+    """
     from runtime.cluster import stop_job
 
     console.print(f"{job_id}: {'stop requested' if stop_job(job_id, address) else 'not running'}")
@@ -159,7 +179,10 @@ def train_stop(job_id: str, address: Annotated[str | None, typer.Option(help=ADD
 
 @train_app.command("list")
 def train_list(address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None) -> None:
-    """List the cluster's jobs, oldest first."""
+    """List the cluster's jobs, oldest first.
+
+    Example: skewless train list
+    """
     from rich.table import Table
 
     from runtime.cluster import list_jobs
@@ -175,7 +198,10 @@ def serve_deploy(
     config: Annotated[Path, typer.Argument(help="Serve config YAML (the format `serve deploy` takes).")],
     address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
 ) -> None:
-    """Validate a Serve config and deploy it to a running Ray cluster, like `serve deploy`."""
+    """Validate a Serve config and deploy it to a running Ray cluster, like `serve deploy`.
+
+    Example: skewless serve deploy serve_apps/configs/churn.yaml
+    """
     from runtime.redact import redact
     from runtime.serving import deploy_config
 
@@ -337,7 +363,10 @@ def rollout_abort(spec: Annotated[Path, typer.Argument(help=SPEC_HELP)]) -> None
 def models_lineage(
     model_uri: Annotated[str, typer.Argument(help="models:/<name>@<alias> or models:/<name>/<version>")],
 ) -> None:
-    """Show the data, preprocessing, code and environment that made a registered model."""
+    """Show the data, preprocessing, code and environment that made a registered model.
+
+    Example: skewless models lineage models:/churn@champion
+    """
     from rich.table import Table
 
     from runtime.registry import configure_mlflow, model_lineage
@@ -382,7 +411,10 @@ def models_verify(
     ],
 ) -> None:
     """Check every file of a model against the manifest recorded at registration (MLmodel and the
-    code file MLflow runs on load included), without running any of it."""
+    code file MLflow runs on load included), without running any of it.
+
+    Example: skewless models verify models:/churn@champion
+    """
     import tempfile
 
     from runtime.registry import configure_mlflow, verify
@@ -403,7 +435,10 @@ def reproduce(
         str | None, typer.Option(help="The dataset path, when the recorded one was redacted (it had credentials).")
     ] = None,
 ) -> None:
-    """Re-run a registered model's training from its lineage; exit 1 unless it is the same model, bit for bit."""
+    """Re-run a registered model's training from its lineage; exit 1 unless it is the same model, bit for bit.
+
+    Example: skewless reproduce models:/churn@champion
+    """
     from rich.table import Table
 
     from runtime.training import reproduce as run
@@ -434,7 +469,10 @@ def data_generate(
     task: Annotated[str, typer.Option(help="binary | multiclass | regression")] = "binary",
     shift: Annotated[list[str] | None, typer.Option(help="COLUMN=AMOUNT drift knob; repeatable.")] = None,
 ) -> None:
-    """Write a synthetic tabular dataset (bounded memory, any size)."""
+    """Write a synthetic tabular dataset (bounded memory, any size).
+
+    Example: skewless data generate ~/.skewless/data/churn.parquet --rows 20000
+    """
     from runtime.data import SyntheticConfig, generate_synthetic
     from runtime.errors import ConfigError
 
@@ -455,6 +493,11 @@ def main(argv: list[str] | None = None) -> Any:
     from runtime.errors import SkewlessError
     from runtime.redact import redact
 
+    args = sys.argv[1:] if argv is None else argv
+    if not os.environ.get("RAY_ADDRESS") and not any(a.startswith("--address") for a in args):
+        from runtime.connect import use_current_cluster
+
+        use_current_cluster()  # before Ray is imported: its token path and the tracking server
     try:
         return app(args=argv, standalone_mode=True)
     except SkewlessError as exc:

@@ -72,3 +72,90 @@ def render(
         return
     for path in write_manifests(out, job_config, serve_config, image=image, settings=cloud):
         console.print(f"wrote {path}")
+
+
+@cluster_app.command("up")
+def up(
+    spec: Annotated[
+        Path, typer.Argument(help="Local cluster spec: head and worker nodes (cluster/local.yaml).")
+    ] = Path("cluster/local.yaml"),
+) -> None:
+    """Start a real multi-node Ray cluster on this machine, with MLflow's tracking server on the head.
+
+    Every port on 127.0.0.1, token auth on (the token stays in the cluster's state directory,
+    0600); later commands without --address use this cluster.
+
+    Example: skewless cluster up cluster/local.yaml
+    """
+    from runtime.cluster import cluster_up, load_spec
+
+    state = cluster_up(load_spec(spec), progress=console.print)
+    console.print(f"dashboard  {state.dashboard}   (remote: ssh -L 8265:{state.dashboard[7:]} <host>)")
+    console.print(f"tracking   {state.tracking_uri}")
+    console.print(f"token      {state.token_path} (0600; never printed)")
+
+
+@cluster_app.command("down")
+def down(name: Annotated[str | None, typer.Argument(help="Cluster name (default: the current one).")] = None) -> None:
+    """Stop every process `cluster up` started (workers, head, tracking server), and nothing else.
+
+    Example: skewless cluster down
+    """
+    from runtime.cluster import cluster_down
+
+    cluster_down(name, progress=console.print)
+
+
+@cluster_app.command("status")
+def status(
+    name: Annotated[str | None, typer.Argument(help="Cluster name (default: the current one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Nodes and their resources, jobs, Serve applications and replicas, addresses, listeners.
+
+    Example: skewless cluster status --json
+    """
+    import json
+
+    from rich.table import Table
+
+    from runtime.cluster import cluster_status
+
+    st = cluster_status(name)
+    if as_json:
+        console.print_json(json.dumps(st.to_dict(), default=str))
+        return
+    console.print(f"[bold]{st.name}[/]  dashboard {st.dashboard}  tracking {st.tracking_uri}")
+    nodes = Table("node", "role", "state", "CPU", "GPU", "memory", "other resources")
+    for n in st.nodes:
+        r = dict(n["resources"])
+        other = {
+            k: v
+            for k, v in r.items()
+            if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:")
+        }
+        nodes.add_row(
+            str(n["node_id"])[:12],
+            "head" if n["head"] else "worker",
+            str(n["state"]),
+            f"{r.get('CPU', 0):g}",
+            f"{r.get('GPU', 0):g}",
+            f"{r.get('memory', 0) / 2**30:.1f} GiB",
+            ", ".join(f"{k}={v:g}" for k, v in other.items()),
+        )
+    console.print(nodes)
+    for g in st.gpus:
+        console.print(f"GPU {g['index']}: {g['name']}, {g['memory_bytes'] / 2**30:.0f} GiB (NVML)")
+    jobs = Table("job", "status", "entrypoint")
+    for j in st.jobs:
+        jobs.add_row(str(j["job_id"]), str(j["status"]), str(j["entrypoint"])[:60])
+    console.print(jobs if st.jobs else "jobs: none")
+    for app_name, app in st.applications.items():
+        reps = ", ".join(f"{d}: {n}" for d, n in app["replicas"].items())
+        console.print(f"serve app {app_name} ({app['route_prefix']}): {app['status']}, replicas {reps}")
+    hosts = sorted({(x["host"], x["port"], x["process"]) for x in st.listeners})
+    exposed = [h for h in hosts if h[0] not in ("127.0.0.1", "::1")]
+    console.print(
+        f"listeners: {len(hosts)} sockets, "
+        + ("all on 127.0.0.1" if not exposed else f"[bold red]{len(exposed)} not on loopback[/]: {exposed[:8]}")
+    )

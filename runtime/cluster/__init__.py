@@ -1,5 +1,5 @@
-"""Ray clusters from the CLI: submit and follow jobs through Ray's Jobs API; render the cloud
-(``ray up``) and KubeRay specs from the project's job and Serve configs, validated against their schemas."""
+"""Ray clusters from the CLI: submit and follow jobs through Ray's Jobs API; start a local multi-node
+cluster (``cluster up``); render the cloud (``ray up``) and KubeRay specs from the project's job and Serve configs, validated against their schemas."""
 
 from runtime.cluster._jobs import (
     SECRET_PATTERNS,
@@ -17,6 +17,17 @@ from runtime.cluster._jobs import (
     submit_job,
 )
 from runtime.cluster._kuberay import render_kuberay, tracking_uri
+from runtime.cluster._local import (
+    ClusterState,
+    ClusterStatus,
+    LocalClusterSpec,
+    NodeSpec,
+    cluster_down,
+    cluster_status,
+    cluster_up,
+    load_spec,
+    read_state,
+)
 from runtime.cluster._render import (
     PROVIDERS,
     CloudSettings,
@@ -34,9 +45,16 @@ __all__ = [
     "PROVIDERS",
     "SECRET_PATTERNS",
     "CloudSettings",
+    "ClusterState",
+    "ClusterStatus",
     "JobInfo",
     "JobResources",
+    "LocalClusterSpec",
+    "NodeSpec",
     "Submission",
+    "cluster_down",
+    "cluster_status",
+    "cluster_up",
     "default_image",
     "follow_logs",
     "forwarded_env",
@@ -46,7 +64,9 @@ __all__ = [
     "job_resources",
     "kuberay_schema_dir",
     "list_jobs",
+    "load_spec",
     "project_root",
+    "read_state",
     "render_kuberay",
     "render_manifests",
     "render_ray_up",

@@ -83,7 +83,14 @@ def _client(address: str | None) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # ConnectionError, AuthenticationError, ...
-        hint = " (set RAY_AUTH_MODE=token so the client sends ~/.ray/auth_token)" if "uthenticat" in str(exc) else ""
+        hint = (
+            " (set RAY_AUTH_MODE=token so the client sends ~/.ray/auth_token)"
+            if "uthenticat" in str(exc)
+            else (
+                "; is a cluster running? Start one with `skewless cluster up cluster/local.yaml` (or `ray start --head`), "
+                "or pass --address"
+            )
+        )
         raise ClusterError(f"cannot reach the Ray Jobs API at {redact(address)}: {redact(str(exc))}{hint}") from None
 
 
@@ -172,12 +179,12 @@ def submit_job(config: Path, module: str, validate: Validate, address: str | Non
         raise ConfigError(f"config {config} must live inside the project ({root}) so it ships with the job") from None
     referenced = list(validate(path))  # fail here, not on the cluster
     git = git_info(root)
+    client = _client(address)  # first: with no address, this adopts the current cluster's tracking server
     env, notes = forwarded_env(os.environ)
     env["SKEWLESS_GIT_COMMIT"] = git.commit
     if git.dirty is not None:
         env["SKEWLESS_GIT_DIRTY"] = str(git.dirty).lower()
     entrypoint = job_entrypoint(module, rel.as_posix())
-    client = _client(address)
     with tempfile.TemporaryDirectory(prefix="skewless-job-") as staged:
         shipped = stage_working_dir(root, [path, *referenced], Path(staged))
         runtime_env = {

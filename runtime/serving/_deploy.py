@@ -120,7 +120,8 @@ def deploy_config(path: Path, address: str | None = None) -> tuple[str, list[str
         ServeSubmissionClient(address).deploy_applications(body)
     except Exception as exc:  # connection refused, auth, HTTP errors
         raise ServingError(
-            f"cannot deploy to {redact(address)}: {redact(str(exc))}. Is a cluster running (`ray start --head`)?"
+            f"cannot deploy to {redact(address)}: {redact(str(exc))}. Is a cluster running? Start one with "
+            "`skewless cluster up cluster/local.yaml` (or `ray start --head`), or pass --address"
         ) from exc
     return address, [app.name for app in schema.applications]
 
