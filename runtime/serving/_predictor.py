@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import random
@@ -406,7 +407,24 @@ class Predictor:
         if self.live is None:
             raise HttpError(409, "monitoring.enabled", False, "labels need monitoring; set args.monitoring.enabled")
         body = await read_body(request, self.args.max_body_bytes)
-        table = await asyncio.to_thread(_labels_table, request.headers.get("content-type"), body)
+        accepted = await self._store_labels(request.headers.get("content-type"), body)
+        return JSONResponse({"accepted": accepted})
+
+    async def accept_labels(self, content_type: str | None, body: bytes) -> tuple[int, bytes]:
+        """``POST /labels`` for a router in front (a ``DeploymentHandle`` call): (status, JSON body)."""
+        try:
+            if self.live is None:
+                raise HttpError(409, "monitoring.enabled", False, "labels need monitoring; set args.monitoring.enabled")
+            if len(body) > self.args.max_body_bytes:
+                raise HttpError(413, "body", len(body), f"request body at most {self.args.max_body_bytes} bytes")
+            accepted = await self._store_labels(content_type, body)
+            return 200, json.dumps({"accepted": accepted}).encode()
+        except HttpError as err:
+            return err.status, err.body()
+
+    async def _store_labels(self, content_type: str | None, body: bytes) -> int:
+        assert self.live is not None
+        table = await asyncio.to_thread(_labels_table, content_type, body)
         try:
             await asyncio.to_thread(self.live.store.write_labels, self.live.app, table)
         except Exception as exc:
@@ -418,7 +436,7 @@ class Predictor:
                 "the monitoring store is unavailable; send the labels again later",
                 headers={"Retry-After": "10"},
             ) from None
-        return JSONResponse({"accepted": table.num_rows})
+        return int(table.num_rows)
 
     async def predict(self, request: Request) -> Response:
         """``POST /predict`` (see the module docstring); the route table checked method and key."""
@@ -535,8 +553,6 @@ class Predictor:
 
 def _labels_table(content_type: str | None, body: bytes) -> pa.Table:
     """A ``POST /labels`` body as the store's labels table (400/415/422 on bad input)."""
-    import json
-
     from runtime.errors import DataError
     from runtime.monitoring import labels_table
 

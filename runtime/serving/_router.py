@@ -254,12 +254,17 @@ class Router:
         try:
             if path == "/healthz" and request.method == "GET":
                 return JSONResponse({"app": self.app, "config_version": self.config_version, **self._public_config()})
-            if path != "/predict":
-                raise HttpError(404, None, path, "unknown route; use one of: POST /predict, GET /healthz")
+            if path not in ("/predict", "/labels"):
+                raise HttpError(404, None, path, "unknown route; use one of: POST /predict, POST /labels, GET /healthz")
             if request.method != "POST":
-                raise HttpError(405, None, request.method, "POST /predict", headers={"Allow": "POST"})
+                raise HttpError(405, None, request.method, f"POST {path}", headers={"Allow": "POST"})
             self.auth.check(request.headers.get("authorization"))
             body = await read_body(request, self.max_body_bytes)
+            if path == "/labels":  # every arm writes one store: the first takes them
+                status, out = await self.handles[sorted(self.handles)[0]].accept_labels.remote(
+                    request.headers.get("content-type"), body
+                )
+                return Response(out, status_code=status, media_type="application/json")
         except HttpError as err:
             return Response(
                 err.body(), status_code=err.status, media_type="application/json", headers=dict(err.headers)

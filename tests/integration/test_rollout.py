@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from runtime.data import SyntheticConfig, generate_synthetic, synthetic_feature_spec
+from runtime.monitoring import MonitoringStore
 from runtime.preprocessing import FeatureSpec, fit
 from runtime.serving import RolloutSpec, rollout_status, run_rollout
 from tests.conftest import wait_for_condition
@@ -295,6 +296,11 @@ def test_shadow_traffic_is_compared_and_never_reaches_the_caller(
         assert result.outcome == "rolled_back" and "disagreement" in failed, result
         counters = rollout_status(app)
         assert counters["status"] == "rolled_back"
+        # labels reach the store through the router too (any arm takes them: one store)
+        sent = httpx.post(f"{url}/labels", json={"labels": [{"request_id": "rollout-req-1", "label": "1"}]})
+        assert sent.status_code == 200 and sent.json() == {"accepted": 1}, (sent.status_code, sent.text)
+        assert "rollout-req-1" in MonitoringStore().labels(app)["request_id"].to_pylist()
+        assert httpx.post(f"{url}/labels", json={"labels": []}).status_code == 422
     finally:
         _kill_control(app)
 
