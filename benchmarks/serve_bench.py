@@ -446,25 +446,9 @@ INGRESS = {
 
 def listening_ports(pid: int) -> list[int]:
     """TCP ports ``pid`` listens on, from /proc (Linux)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
-    return sorted(set(ports))
+    from runtime.cluster import listening_sockets
+
+    return sorted({sock.port for sock in listening_sockets([pid])})
 
 
 TARGETS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_DASHBOARD",
     "HEADROOM_CPUS",
     "check_placeable",
+    "cluster_client_env",
     "clusters_dir",
     "connect",
     "cpus_for",
@@ -54,9 +56,14 @@ def current_cluster_env() -> dict[str, str]:
     pointer = clusters_dir() / CURRENT_CLUSTER
     try:
         name = json.loads(pointer.read_text())["name"]
-        state = json.loads((clusters_dir() / name / "cluster.json").read_text())
+        return cluster_client_env(json.loads((clusters_dir() / name / "cluster.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def cluster_client_env(state: Mapping[str, Any]) -> dict[str, str]:
+    """A client's environment for a cluster whose ``cluster.json`` is ``state`` (the token's
+    path, never the token)."""
     return {
         "RAY_ADDRESS": state["dashboard"],
         "RAY_AUTH_MODE": "token",

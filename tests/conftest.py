@@ -55,33 +55,9 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
 def listeners() -> list[tuple[int, str, str, int]]:
     """Every listening TCP socket on this machine that a process here owns, as
     (pid, process name, host, port), from /proc (Linux)."""
-    import ipaddress
+    from runtime.cluster import listening_sockets
 
-    sockets: dict[str, tuple[str, int]] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A":  # LISTEN
-                continue
-            hexhost, hexport = fields[1].rsplit(":", 1)
-            raw = bytes.fromhex(hexhost)
-            # /proc prints each 32-bit word in host (little-endian) order
-            host = str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))))
-            sockets[fields[9]] = (host, int(hexport, 16))
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            name = (proc / "comm").read_text().strip()
-            links = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
-        except OSError:  # gone, or not ours
-            continue
-        for link in links:
-            inode = link[8:-1] if link.startswith("socket:[") else ""
-            if inode in sockets:
-                found.append((int(proc.name), name, *sockets[inode]))
-    return found
+    return [tuple(sock) for sock in listening_sockets()]  # type: ignore[misc]
 
 
 def free_port() -> int:

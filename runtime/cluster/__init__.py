@@ -40,6 +40,7 @@ from runtime.cluster._render import (
 )
 from runtime.cluster._schemas import kuberay_schema_dir, validate_kuberay, validate_ray_up
 from runtime.cluster._sizing import JobResources, job_resources, serve_gpus
+from runtime.cluster._sockets import Listener, listening_sockets
 
 __all__ = [
     "PROVIDERS",
@@ -49,6 +50,7 @@ __all__ = [
     "ClusterStatus",
     "JobInfo",
     "JobResources",
+    "Listener",
     "LocalClusterSpec",
     "NodeSpec",
     "Submission",
@@ -64,6 +66,7 @@ __all__ = [
     "job_resources",
     "kuberay_schema_dir",
     "list_jobs",
+    "listening_sockets",
     "load_spec",
     "project_root",
     "read_state",

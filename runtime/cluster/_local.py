@@ -34,9 +34,10 @@ from typing import Any
 
 from pydantic import Field
 
+from runtime.cluster._sockets import listening_sockets
 from runtime.config import StrictModel, read_yaml, validate
-from runtime.connect import CURRENT_CLUSTER, clusters_dir
-from runtime.errors import ClusterError, ConfigError
+from runtime.connect import CURRENT_CLUSTER, cluster_client_env, clusters_dir
+from runtime.errors import ClusterError
 
 Progress = Callable[[str], None]
 
@@ -81,12 +82,7 @@ class ClusterState:
 
     def env(self) -> dict[str, str]:
         """What a client of this cluster needs in its environment (no secret: a path)."""
-        return {
-            "RAY_ADDRESS": self.dashboard,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": self.token_path,
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-        }
+        return cluster_client_env(asdict(self))
 
     def pgids(self) -> list[int]:
         return [n["pgid"] for n in self.nodes] + ([self.mlflow_pgid] if self.mlflow_pgid else [])
@@ -458,39 +454,8 @@ def _cluster_pids(state: ClusterState) -> set[int]:
 
 
 def _listeners(state: ClusterState) -> list[dict[str, Any]]:
-    """Listening TCP sockets of the cluster's processes (Linux /proc), as host:port by process."""
-    import ipaddress
-
-    sockets: dict[str, tuple[str, int]] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            return []
-        for line in lines:
-            fields = line.split()
-            if fields[3] != "0A":
-                continue
-            hexhost, hexport = fields[1].rsplit(":", 1)
-            raw = bytes.fromhex(hexhost)
-            host = str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))))
-            sockets[fields[9]] = (host, int(hexport, 16))
-    out = []
-    for pid in sorted(_cluster_pids(state)):
-        try:
-            name = (Path(f"/proc/{pid}/comm")).read_text().strip()
-            fds = list(Path(f"/proc/{pid}/fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in sockets:
-                host, port = sockets[target[8:-1]]
-                out.append({"pid": pid, "process": name, "host": host, "port": port})
-    return out
+    """Listening TCP sockets of the cluster's processes, as host:port by process."""
+    return [sock._asdict() for sock in listening_sockets(_cluster_pids(state))]
 
 
 def _gpus() -> list[dict[str, Any]]:
@@ -512,15 +477,3 @@ def _gpus() -> list[dict[str, Any]]:
         return out
     finally:
         pynvml.nvmlShutdown()
-
-
-def configure_from_current() -> ClusterState | None:
-    """Point this process at the current cluster (token path, tracking server, address) when
-    no address was given; None when no cluster is up."""
-    try:
-        state = read_state()
-    except (ClusterError, ConfigError):
-        return None
-    for key, value in state.env().items():
-        os.environ.setdefault(key, value)
-    return state

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -95,8 +95,6 @@ class LiveMonitor:
         self._window_start = time.time()
         self._last_evaluation = 0.0
         self._last_error_log = 0.0
-        self.flushes = 0
-        self.last_report: MonitorReport | None = None
         if reference is not None:
             try:
                 store.write_reference(app, version, reference.to_json())
@@ -201,7 +199,6 @@ class LiveMonitor:
                 self._log_error(f"writing the summary of {rows} rows to {self.store!r}", exc)
         if items:
             self.store.write_predictions(self.app, self.version, self.replica, end, self._log_table(items, table))
-        self.flushes += 1
         return rows
 
     def _summarise(self, items: list[_Observed], table: pa.Table | None) -> WindowSummary:
@@ -256,7 +253,6 @@ class LiveMonitor:
             return None
         try:
             now = time.time()
-            labels = self.store.labels(self.app, since=now - self.settings.label_window_s)
             report = evaluate_window(
                 self.store,
                 self.app,
@@ -265,26 +261,14 @@ class LiveMonitor:
                 since=now - self.settings.window_s,
                 until=now + 1,
                 config=self.drift_config,
-                labels=labels,
+                label_since=now - self.settings.label_window_s,
             )
-            if self.settings.label_window_s > self.settings.window_s:
-                from runtime.monitoring._window import join_labels
-
-                longer = self.store.predictions(self.app, self.version, now - self.settings.label_window_s, now + 1)
-                report = _with_labels(report, join_labels(longer, labels, self.reference))
-            self.last_report = report
             if self.publish is not None:
                 self.publish(report)
             return report
         except Exception as exc:
             self._log_error("evaluating the window", exc)
             return None
-
-
-def _with_labels(report: MonitorReport, labels: Any) -> MonitorReport:
-    from dataclasses import replace
-
-    return replace(report, labels=labels)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from runtime.errors import DataError
 from runtime.monitoring._drift import DriftConfig, DriftReport, drift_report
@@ -281,12 +282,19 @@ def evaluate_window(
     until: float | None = None,
     config: DriftConfig | None = None,
     labels: pa.Table | None = None,
+    label_since: float | None = None,
 ) -> MonitorReport:
-    """Judge ``[since, until)`` of ``version`` in ``app`` against ``reference`` (module docstring)."""
+    """Judge ``[since, until)`` of ``version`` in ``app`` against ``reference`` (module docstring).
+
+    ``label_since`` (earlier than ``since``: labels arrive late) widens the predictions joined
+    with their labels; the prediction log is read once for both.
+    """
     until = time.time() if until is None else until
     window, flushes, replicas, dropped, model = merged_window(store, app, version, reference, since, until)
     drift = drift_report(reference.profile, window, config=config) if window.n_rows else None
-    predictions = store.predictions(app, version, since, until)
+    first = since if label_since is None else min(since, label_since)
+    logged = store.predictions(app, version, first, until)
+    predictions = logged if first == since else logged.filter(pc.greater_equal(logged["ts"], since))
     estimated: dict[str, float] = {}
     joined: LabelJoin | None = None
     try:  # the estimate and the labels never keep the drift verdict from being reported
@@ -294,7 +302,7 @@ def evaluate_window(
             scores = np.asarray(predictions["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
             estimate = reference.estimate(scores[np.isfinite(scores)])
             estimated = {k: v for k, v in estimate.items() if k != "rows" and math.isfinite(v)}
-        joined = join_labels(predictions, store.labels(app, since=since) if labels is None else labels, reference)
+        joined = join_labels(logged, store.labels(app, since=first) if labels is None else labels, reference)
     except (DataError, ValueError, KeyError, pa.ArrowException) as exc:
         logger.warning("monitoring: %s version %s: performance not computed (%s)", app, version, exc)
     return MonitorReport(

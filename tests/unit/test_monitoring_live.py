@@ -326,11 +326,38 @@ def test_an_extreme_input_does_not_cost_the_flush(model: LoadedModel, tmp_path: 
     assert sum(f.rows for f in store.summaries("churn", "3")) == 20 and store.predictions("churn").num_rows == 20
 
 
-def test_the_store_refuses_dot_names_and_redacts_its_uri() -> None:
+def test_the_store_refuses_dot_names_and_redacts_its_uri(tmp_path: Path) -> None:
     from runtime.errors import ConfigError
 
+    store = MonitoringStore(str(tmp_path / "store"))
+    with pytest.raises(ConfigError, match="cannot name"):
+        store.write_labels("..", pa.table({"request_id": ["a"], "label": ["1"]}))
+    assert not (tmp_path / "labels").exists()  # nothing written beside the store
     with pytest.raises(ConfigError) as err:
-        MonitoringStore("s3://AKIAEXAMPLE:s3cr3t@bucket/x?region=%%%").write_labels(
-            "..", pa.table({"request_id": ["a"], "label": ["1"]})
-        )
+        MonitoringStore("s3://AKIAEXAMPLE:s3cr3t@bucket/x?region=%%%")
     assert "s3cr3t" not in str(err.value)
+
+
+def test_labels_join_over_a_longer_window_than_drift_with_one_read(model: LoadedModel, tmp_path: Path) -> None:
+    """Labels arrive late: the evaluator joins them over ``label_since`` while drift and the
+    estimate stay on ``[since, until)``; the prediction log is read once for both."""
+    store = MonitoringStore(str(tmp_path / "store"))
+    monitor = _monitor(model, store, "r0")
+    t0 = time.time() - 1
+    live = _rows(200, seed=12, tmp=tmp_path)
+    ids = _serve(monitor, model, live, "late", per_request=1)
+    monitor.flush()
+    store.write_labels("churn", pa.table({"request_id": ids, "label": [str(v) for v in live["churned"].to_pylist()]}))
+    reads: list[tuple[float | None, float | None]] = []
+    predictions = store.predictions
+
+    def counted(app: str, version: str | None = None, since: float | None = None, until: float | None = None) -> Any:
+        reads.append((since, until))
+        return predictions(app, version, since, until)
+
+    store.predictions = counted  # type: ignore[method-assign]
+    later = time.time() + 10  # a window after every prediction: nothing to judge for drift or the estimate
+    report = evaluate_window(store, "churn", "3", monitor.reference, since=later, until=later + 60, label_since=t0)  # type: ignore[arg-type]
+    assert len(reads) == 1 and reads[0][0] == t0
+    assert report.rows == 0 and report.drift is None and report.estimated == {}
+    assert report.labels is not None and report.labels.labelled == 200
