@@ -144,10 +144,37 @@ class _Connection:
             self.reader = self.writer = None
 
 
+class _GrpcConnection:
+    """One caller on a shared gRPC channel (HTTP/2 multiplexes the callers, as gRPC clients do):
+    ``skewless.v1.Predictor/Predict`` with the payload as the message body. A status other than
+    OK counts under its code's name."""
+
+    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.stub, self.metadata = stub, metadata
+
+    async def request(self, payload: Payload) -> int | str:
+        import grpc
+
+        from runtime.serving import PredictRequest
+
+        message = PredictRequest(body=payload.body, content_type=payload.content_type)
+        try:
+            await self.stub(message, metadata=self.metadata, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return 200
+
+    async def close(self) -> None:
+        pass
+
+
 def _loopback(url: str) -> tuple[str, int, str]:
     parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname not in LOOPBACK:
-        raise ValueError(f"url {url!r} must be http://127.0.0.1:<port>/...: the benchmark only loads loopback")
+    if parts.scheme not in ("http", "grpc") or parts.hostname not in LOOPBACK:
+        raise ValueError(
+            f"url {url!r} must be http://127.0.0.1:<port>/... or grpc://127.0.0.1:<port>: "
+            "the benchmark only loads loopback"
+        )
     return parts.hostname, parts.port or 80, parts.path or "/"
 
 
@@ -163,13 +190,24 @@ async def _level(
     url: str, factory: PayloadFactory, concurrency: int, duration_s: float, warmup_s: float, headers: dict[str, str]
 ) -> tuple[_Level, float]:
     host, port, path = _loopback(url)
-    connections = [_Connection(host, port, path, headers) for _ in range(concurrency)]
+    channel = None
+    connections: list[Any]
+    if url.startswith("grpc:"):
+        import grpc
+
+        from runtime.serving import predict_stub
+
+        channel = grpc.aio.insecure_channel(f"{host}:{port}")
+        metadata = tuple((k.lower(), v) for k, v in headers.items())
+        connections = [_GrpcConnection(predict_stub(channel), metadata) for _ in range(concurrency)]
+    else:
+        connections = [_Connection(host, port, path, headers) for _ in range(concurrency)]
     level = _Level()
     loop = asyncio.get_running_loop()
     start = loop.time() + warmup_s
     deadline = start + duration_s
 
-    async def worker(conn: _Connection) -> None:
+    async def worker(conn: Any) -> None:
         while (now := loop.time()) < deadline:  # closed loop: the next request when one returns
             payload = factory(level.sent)
             level.sent += 1
@@ -187,6 +225,8 @@ async def _level(
     elapsed = loop.time() - start
     for conn in connections:
         await conn.close()
+    if channel is not None:
+        await channel.close()
     return level, elapsed
 
 
@@ -369,14 +409,21 @@ def run_serve(ctx: BenchContext, ingress: str = "shipped", monitoring: bool = Tr
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()
     http = {"host": "127.0.0.1", "port": port}
+    grpc_options = None
+    if ingress == "grpc":  # the shipped HAProxy mode, with Serve's gRPC ingress on beside HTTP
+        grpc_options = {"port": free_port(), "grpc_servicer_functions": ["runtime.serving.add_predictor_servicer"]}
     env: dict[str, str] = {}
-    if ingress == "shipped":
+    if ingress in ("shipped", "grpc"):
         env = dict((ingress_options(http) or {"runtime_env": {"env_vars": {}}})["runtime_env"]["env_vars"])
     elif ingress == "direct":
         env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
     env.update(ctx.serve_env)
     try:
-        serve.start(http_options=http, controller_options={"runtime_env": {"env_vars": env}} if env else None)
+        serve.start(
+            http_options=http,
+            grpc_options=grpc_options,
+            controller_options={"runtime_env": {"env_vars": env}} if env else None,
+        )
         defaults = ServeAppArgs.model_fields
         args = {
             "model_uri": str(ctx.model_dir),
@@ -415,15 +462,20 @@ def run_serve(ctx: BenchContext, ingress: str = "shipped", monitoring: bool = Tr
             url = f"http://127.0.0.1:{ports[0]}/bench"
             print(f"direct ingress: replica {replica_pid} serves {url}", flush=True)
         payloads = json_payloads(ctx.raw, ctx.rows_per_request)
-        sweep = run_sweep(f"{url}/predict", payloads, ctx.concurrencies, ctx.duration_s, server_pids=[replica_pid])
-        copies = -(-ctx.bulk_rows // ctx.raw.num_rows) + 1
-        arrow = post_arrow(
-            f"{url}/predict",
-            pa.concat_tables([ctx.raw] * copies),
-            rows_per_request=ctx.bulk_rows,
-            concurrency=2,
-            duration_s=max(ctx.duration_s, 3.0),
-        )
+        target = f"{url}/predict"
+        if grpc_options is not None:  # the same JSON bodies, as skewless.v1.Predictor/Predict messages
+            target = url = f"grpc://127.0.0.1:{grpc_options['port']}"
+        sweep = run_sweep(target, payloads, ctx.concurrencies, ctx.duration_s, server_pids=[replica_pid])
+        arrow = None
+        if grpc_options is None:  # bulk Arrow over HTTP (the gRPC target's would repeat `serve`'s)
+            copies = -(-ctx.bulk_rows // ctx.raw.num_rows) + 1
+            arrow = post_arrow(
+                f"{url}/predict",
+                pa.concat_tables([ctx.raw] * copies),
+                rows_per_request=ctx.bulk_rows,
+                concurrency=2,
+                duration_s=max(ctx.duration_s, 3.0),
+            )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -441,6 +493,7 @@ INGRESS = {
     "shipped": "shipped: HAProxy mode, throughput-optimized",
     "proxy": "Serve's HTTP proxy",
     "direct": "direct ingress, no front",
+    "grpc": "gRPC: HAProxy mode, Serve's gRPC ingress",
 }
 
 
@@ -457,6 +510,7 @@ TARGETS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "serve_unmonitored": lambda ctx: run_serve(ctx, monitoring=False),
     "serve_proxy": lambda ctx: run_serve(ctx, ingress="proxy"),
     "serve_direct": lambda ctx: run_serve(ctx, ingress="direct"),
+    "serve_grpc": lambda ctx: run_serve(ctx, ingress="grpc"),
 }
 
 
@@ -466,21 +520,37 @@ SERVE_TARGETS = [name for name in TARGETS if name != "baseline"]
 
 
 def ratios(results: dict[str, Any], target: str = "serve", baseline: str = "baseline") -> list[dict[str, Any]]:
-    """``target`` over ``baseline`` at each concurrency both ran: requests/s and p99."""
+    """``target`` over ``baseline`` at each concurrency both ran: requests/s and p99, each the
+    ratio of the medians over the repeated levels (``--repeat``), with the range of the p99
+    ratio over the repetitions paired in order."""
     if target not in results or baseline not in results:
         return []
-    theirs = {r["concurrency"]: r for r in results[baseline]["sweep"]}
+
+    def by_level(sweep: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+        levels: dict[int, list[dict[str, Any]]] = {}
+        for r in sweep:
+            if r["requests_per_s"] and r["p99_ms"]:
+                levels.setdefault(r["concurrency"], []).append(r)
+        return levels
+
+    theirs, ours = by_level(results[baseline]["sweep"]), by_level(results[target]["sweep"])
     out = []
-    for ours in results[target]["sweep"]:
-        base = theirs.get(ours["concurrency"])
-        if base and base["requests_per_s"] and base["p99_ms"] and ours["p99_ms"]:
-            out.append(
-                {
-                    "concurrency": ours["concurrency"],
-                    "requests_per_s_ratio": ours["requests_per_s"] / base["requests_per_s"],
-                    "p99_ratio": ours["p99_ms"] / base["p99_ms"],
-                }
-            )
+    for concurrency, mine in ours.items():
+        base = theirs.get(concurrency)
+        if not base:
+            continue
+        paired = [a["p99_ms"] / b["p99_ms"] for a, b in zip(mine, base, strict=False)]
+        out.append(
+            {
+                "concurrency": concurrency,
+                "repeats": min(len(mine), len(base)),
+                "requests_per_s_ratio": float(np.median([r["requests_per_s"] for r in mine]))
+                / float(np.median([r["requests_per_s"] for r in base])),
+                "p99_ratio": float(np.median([r["p99_ms"] for r in mine]))
+                / float(np.median([r["p99_ms"] for r in base])),
+                "p99_ratio_range": [min(paired), max(paired)],
+            }
+        )
     return out
 
 
@@ -507,9 +577,13 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{name:10} bulk Arrow over HTTP: {arrow['rows_per_s']:,.0f} rows/s ({arrow['rows_per_request']} rows)"
             )
     for r in results.get("ratios", []):
+        spread = ""
+        if r["repeats"] > 1:
+            low, high = r["p99_ratio_range"]
+            spread = f" (medians of {r['repeats']} runs; p99 ratio run by run {low:.2f}-{high:.2f})"
         print(
             f"{r['target']} / baseline at concurrency {r['concurrency']}: "
-            f"requests/s x{r['requests_per_s_ratio']:.2f}, p99 x{r['p99_ratio']:.2f}"
+            f"requests/s x{r['requests_per_s_ratio']:.2f}, p99 x{r['p99_ratio']:.2f}{spread}"
         )
     for name in SERVE_TARGETS:
         arrow = results.get(name, {}).get("bulk_arrow")
@@ -526,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=sorted(TARGETS), action="append", help="Run only these targets.")
     parser.add_argument("--duration", type=float, default=3.0, help="Seconds per concurrency level.")
     parser.add_argument("--concurrency", default="1,8,32", help="Comma-separated in-flight request counts.")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="Run the concurrency levels this many times, interleaved (1,8,32,1,8,32,...); ratios use the medians.",
+    )
     parser.add_argument("--rows-per-request", type=int, default=1)
     parser.add_argument("--bulk-rows", type=int, default=65_536)
     parser.add_argument("--torch-threads", type=int, default=1, help="In every server and the bulk baseline.")
@@ -544,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = BenchContext(
         model_dir=model_dir,
         raw=raw,
-        concurrencies=[int(c) for c in args.concurrency.split(",")],
+        concurrencies=[int(c) for c in args.concurrency.split(",")] * max(1, args.repeat),
         duration_s=args.duration,
         rows_per_request=args.rows_per_request,
         bulk_rows=args.bulk_rows,

@@ -89,14 +89,22 @@ def ray_session() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def serve_port(ray_session: Any) -> int:
+def grpc_port() -> int:
+    """The gRPC port of the session's Serve (``skewless.v1.Predictor`` through Serve's gRPC ingress)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session: Any, grpc_port: int) -> int:
     from ray import serve
 
     from runtime.serving import ingress_options
 
     port = free_port()
     http = {"host": "127.0.0.1", "port": port}
-    serve.start(http_options=http, controller_options=ingress_options(http))  # the shipped path: HAProxy mode
+    grpc = {"port": grpc_port, "grpc_servicer_functions": ["runtime.serving.add_predictor_servicer"]}
+    # the shipped path: HAProxy mode (gRPC beside HTTP, as a config that enables it gets)
+    serve.start(http_options=http, grpc_options=grpc, controller_options=ingress_options(http))
     return port
 
 

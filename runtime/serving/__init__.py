@@ -3,6 +3,15 @@
 from runtime.serving._auth import DEFAULT_API_KEY_ENV, ApiKeyAuth
 from runtime.serving._codec import ARROW_STREAM, JSON, HttpError, decode_request, encode_response, is_arrow
 from runtime.serving._deploy import deploy_config, run_app, validate_serve_config
+from runtime.serving._grpc import (
+    GRPC_STATUS,
+    PREDICT_METHOD,
+    PredictReply,
+    PredictRequest,
+    add_predictor_servicer,
+    grpc_status,
+    predict_stub,
+)
 from runtime.serving._ingress import buffered_requests, ingress_options, loopback_binds
 from runtime.serving._ingress import state_dir as ingress_state_dir
 from runtime.serving._judge import ArmWindow, Check, Disagreement, JudgeThresholds, Verdict, judge, window_metrics
@@ -28,8 +37,10 @@ from runtime.serving._routes import ROUTES, HealthRoute, PredictRoute, Route
 __all__ = [
     "ARROW_STREAM",
     "DEFAULT_API_KEY_ENV",
+    "GRPC_STATUS",
     "JSON",
     "MAX_LABEL_VALUES",
+    "PREDICT_METHOD",
     "ROLLOUT_METRICS",
     "ROUTES",
     "AnalysisSpec",
@@ -42,6 +53,8 @@ __all__ = [
     "HttpError",
     "JudgeThresholds",
     "ParityReport",
+    "PredictReply",
+    "PredictRequest",
     "PredictRoute",
     "Predictor",
     "RolloutControl",
@@ -53,6 +66,7 @@ __all__ = [
     "ShadowSpec",
     "Verdict",
     "abort_rollout",
+    "add_predictor_servicer",
     "buffered_requests",
     "build_predictor_app",
     "check_parity",
@@ -63,6 +77,7 @@ __all__ = [
     "encode_response",
     "exported_names",
     "feature_buckets",
+    "grpc_status",
     "ingress_options",
     "ingress_state_dir",
     "is_arrow",
@@ -70,6 +85,7 @@ __all__ = [
     "loopback_binds",
     "pick_arm",
     "pin",
+    "predict_stub",
     "promote_rollout",
     "report_markdown",
     "rollback_rollout",

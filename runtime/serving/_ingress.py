@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DRAIN_PERIOD_S",
+    "GRPC_MAX_MESSAGE_BYTES",
     "LAUNCHER_NAME",
     "RETRY_ON",
     "buffered_requests",
@@ -67,6 +68,8 @@ DRAIN_PERIOD_S = 2.0
 
 
 RETRY_ON = "conn-failure empty-response"
+
+GRPC_MAX_MESSAGE_BYTES = 64 << 20  # the largest gRPC message Serve's gRPC servers take or send
 
 
 def loopback_binds(config: str) -> str:
@@ -212,5 +215,8 @@ def ingress_options(http_options: dict[str, Any]) -> dict[str, Any] | None:
         # A prediction is idempotent: HAProxy also retries one whose replica died before answering
         # (a SIGKILLed replica's in-flight requests), not only refused connections (Ray's default).
         "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
+        # gRPC ingress (when the config enables it): gRPC refuses a larger message before it is
+        # decoded (RESOURCE_EXHAUSTED); Ray's default is 2 GiB
+        "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(GRPC_MAX_MESSAGE_BYTES),
     }
     return {"runtime_env": {"env_vars": env}}

@@ -89,6 +89,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = tuple(float(2**i) for i in range(15))  # 1 .. 16384 rows
 GENERIC_BUCKETS = (-1e4, -1e3, -100.0, -10.0, -1.0, 0.0, 1.0, 10.0, 100.0, 1e3, 1e4)
 MAX_LABEL_VALUES = 50
+HOLD_ROWS = 65_536  # held batches are counted at the next flush, or once this many rows are held
 OTHER, NULL = "__other__", "__null__"
 _LABEL_CHARS = 64  # a client's string as a label value: bounded
 
@@ -249,10 +250,11 @@ class _RowCounts:
         self._admitted: dict[str, set[str]] = {n: set() for n, v in categorical.items() if not v}
         self._pred_bounds = _bounds(prediction_bounds)
         self._pred_le = [*(_le(x) for x in self._pred_bounds), "+Inf"]
-        self._pending = self.measure(pa.table({}), None)
+        self._pending = self.measure(pa.table({}), [])
 
-    def measure(self, table: pa.Table, preds: Predictions | None) -> dict[str, Any]:
-        """One batch's counts; a feature missing from ``table`` counts nothing."""
+    def measure(self, table: pa.Table, outputs: Sequence[tuple[str, np.ndarray]]) -> dict[str, Any]:
+        """The counts of ``table``'s rows and of the model's ``outputs`` for them (:meth:`outputs`);
+        a feature missing from ``table`` counts nothing."""
         n = table.num_rows
         stats = np.zeros((len(self._numeric), 5))  # nulls, count, sum of positives, sum of |negatives|, squares
         le = np.zeros(self._num_bounds.shape)
@@ -282,7 +284,7 @@ class _RowCounts:
                 found = pc.value_counts(table.column(name).cast(pa.string()))
                 categorical[name] = dict(zip(found.field(0).to_pylist(), found.field(1).to_pylist(), strict=True))
         predictions = {}
-        for output, values in self._outputs(preds):
+        for output, values in outputs:
             predictions[output] = np.append((values[:, None] <= self._pred_bounds[None]).sum(axis=0), values.size)
         return {"rows": n, "stats": stats, "le": le, "categorical": categorical, "predictions": predictions}
 
@@ -300,7 +302,8 @@ class _RowCounts:
         counts[null] = column.null_count
         return counts
 
-    def _outputs(self, preds: Predictions | None) -> list[tuple[str, np.ndarray]]:
+    def outputs(self, preds: Predictions | None) -> list[tuple[str, np.ndarray]]:
+        """The model's outputs to count, by label: the value, or each class's probability."""
         if preds is None:
             return []
         if preds.probabilities is None or preds.classes is None:
@@ -343,7 +346,7 @@ class _RowCounts:
 
     def drain(self) -> _Counts:
         """The pending counts as metric increments (zeros left out); then start again."""
-        pending, self._pending = self._pending, self.measure(pa.table({}), None)
+        pending, self._pending = self._pending, self.measure(pa.table({}), [])
         out: _Counts = [("skewless_serve_rows", self._base, float(pending["rows"]))]
         stat_metrics = (
             ("skewless_serve_feature_nulls", ()),
@@ -411,6 +414,8 @@ class ServingMetrics:
         self._m = {name: _Instrument(d, backend, self.registry) for name, d in METRICS.items()}
         self._rows = _RowCounts(self._base, numeric_buckets or {}, categorical_values or {}, prediction_buckets)
         self._flush_interval_s = flush_interval_s
+        self._held: list[tuple[pa.Table, list[tuple[str, np.ndarray]]]] = []  # batches not yet counted
+        self._held_rows = 0
         self._lock = threading.Lock()
         self._last_flush = time.monotonic()
         self._m["skewless_serve_model_info"].add(1.0, self._base)
@@ -460,13 +465,35 @@ class ServingMetrics:
     def _observe_batch(self, table: pa.Table, preds: Predictions) -> None:
         if table.num_rows == 0:
             return
-        batch = self._rows.measure(table, preds)  # outside the lock: the numpy work
+        outputs = self._rows.outputs(preds)
         self._m["skewless_serve_batch_rows"].add(float(table.num_rows), self._base)
-        with self._lock:
-            self._rows.merge(batch)
-            due = time.monotonic() - self._last_flush >= self._flush_interval_s
+        with self._lock:  # held, measured at the flush: one numpy pass over many requests' rows
+            self._held.append((table, outputs))
+            self._held_rows += table.num_rows
+            due = time.monotonic() - self._last_flush >= self._flush_interval_s or self._held_rows >= HOLD_ROWS
         if due:
             self.flush()
+
+    def _measure_held(self) -> None:
+        """Count the batches held since the last flush, those of one schema together."""
+        with self._lock:
+            held, self._held, self._held_rows = self._held, [], 0
+        groups: dict[pa.Schema, list[tuple[pa.Table, list[tuple[str, np.ndarray]]]]] = {}
+        for table, outputs in held:
+            groups.setdefault(table.schema, []).append((table, outputs))
+        for batches in groups.values():
+            table = pa.concat_tables([t for t, _ in batches])
+            by_output: dict[str, list[np.ndarray]] = {}
+            for _, outputs in batches:
+                for label, values in outputs:
+                    by_output.setdefault(label, []).append(values)
+            try:
+                counts = self._rows.measure(table, [(k, np.concatenate(v)) for k, v in by_output.items()])
+            except Exception:  # a metrics bug must not fail the request that flushes
+                logger.exception("serving metrics: %d held rows could not be counted", table.num_rows)
+                continue
+            with self._lock:
+                self._rows.merge(counts)
 
     def set_device_memory(self, device: str, values: Mapping[str, float]) -> None:
         """The replica's device memory, one gauge per kind (bytes)."""
@@ -474,7 +501,8 @@ class ServingMetrics:
             self._m["skewless_serve_device_memory_bytes"].add(float(value), (*self._base, device, kind))
 
     def flush(self) -> None:
-        """Hand the accumulated row-level counts to the backend."""
+        """Count the batches held since the last flush and hand the counts to the backend."""
+        self._measure_held()
         with self._lock:
             counts = self._rows.drain()
             self._last_flush = time.monotonic()

@@ -56,6 +56,7 @@ from runtime.serving._routes import ROUTES, UNKNOWN_ROUTE
 logger = logging.getLogger("ray.serve")
 INLINE_ROWS = 512
 DRAIN_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this, so the client gets its 413
+GRPC_ROUTE = "/skewless.v1.Predictor/Predict"  # the metrics' route label of the gRPC method
 INLINE_JSON_BYTES = 64 << 10  # JSON up to this size is decoded on the event loop (~450 rows, ~0.9 ms)
 
 
@@ -466,6 +467,43 @@ class Predictor:
         if self.metrics is not None:
             self.metrics.observe_request("/predict", answer.status, time.perf_counter() - t0)
         return answer
+
+    async def Predict(self, request: Any, grpc_context: Any = None) -> Any:
+        """``skewless.v1.Predictor/Predict`` through Serve's gRPC ingress (``runtime.serving._grpc``):
+        the ``POST /predict`` body in a message, the same checks and answer; an error sets the
+        gRPC status (the HTTP status's counterpart) with the JSON error body as its details."""
+        from runtime.serving._grpc import PredictReply, grpc_status
+
+        t0 = time.perf_counter()
+        reply, error = PredictReply(), None
+        try:
+            metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+            self.auth.check(metadata.get("authorization"))
+            body = bytes(request.body)
+            if len(body) > self.args.max_body_bytes:
+                raise HttpError(413, "body", len(body), f"request body at most {self.args.max_body_bytes} bytes")
+            given = request.request_id or metadata.get("x-request-id")
+            out, media, headers, _ = await self._predict_body(
+                request.content_type or "application/json", body, request_id_of(given)
+            )
+            reply = PredictReply(
+                body=out,
+                content_type=media,
+                request_id=headers["x-request-id"],
+                model_version=headers["x-skewless-model-version"],
+            )
+        except HttpError as err:
+            error = err
+        except Exception:  # a bug of ours: log it, answer INTERNAL (never die)
+            logger.exception("unexpected error on gRPC Predict")
+            error = HttpError(500, None, None, "internal error; see the replica log")
+        if error is not None and grpc_context is not None:
+            grpc_context.set_code(grpc_status(error.status))
+            grpc_context.set_details(error.body().decode())
+        if self.metrics is not None:
+            status = 200 if error is None else error.status
+            self.metrics.observe_request(GRPC_ROUTE, status, time.perf_counter() - t0)
+        return reply
 
     async def _predict_body(
         self, content_type: str | None, body: bytes, request_id: str

@@ -492,3 +492,85 @@ def test_the_shipped_ingress_is_haproxy_with_every_listener_on_loopback(
     state = ingress_state_dir(serve_clean)
     assert oct(state.stat().st_mode & 0o777) == "0o700"
     assert list(state.rglob("admin.sock")), sorted(p.name for p in state.rglob("*"))
+
+
+def test_grpc_predict_answers_as_http_does_through_haproxy_on_loopback(
+    serve_clean: int, grpc_port: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    """``skewless.v1.Predictor/Predict`` through Serve's gRPC ingress (HAProxy's gRPC front on
+    127.0.0.1, then the replica's own gRPC server): the HTTP route's answer, key and bounds, with
+    gRPC statuses and the same JSON error bodies."""
+    import grpc
+
+    from runtime.serving import PredictRequest, predict_stub
+    from tests.conftest import listeners
+
+    key = "k-" + os.urandom(16).hex()
+    endpoint = _deploy(
+        "grpcapp",
+        serve_clean,
+        {"model_uri": str(models[0]), "api_key": key, "max_body_bytes": 1 << 20},
+    )
+    rows = _raw(data).slice(0, 3)
+    body = json.dumps({"instances": rows.to_pylist()}).encode()
+    over_http = httpx.post(
+        f"{endpoint}/predict",
+        content=body,
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+    ).json()
+    app = (("application", "grpcapp"),)
+    auth = (*app, ("authorization", f"Bearer {key}"))
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = predict_stub(channel)
+        wait_for_condition(lambda: _grpc_ready(stub, app), timeout=60)
+        reply = stub(PredictRequest(body=body, request_id="req-grpc-1"), metadata=auth, timeout=30)
+        answer = json.loads(reply.body)
+        assert answer["predictions"] == over_http["predictions"]
+        assert answer["probabilities"] == over_http["probabilities"]
+        assert reply.content_type == "application/json" and reply.request_id == "req-grpc-1"
+        assert reply.model_version == str(over_http["model"]["version"])
+        # bulk: an Arrow IPC stream in, Arrow out
+        reply = stub(PredictRequest(body=_arrow(_raw(data).slice(0, 500)), content_type=ARROW_STREAM), metadata=auth)
+        assert reply.content_type == ARROW_STREAM
+        assert pa.ipc.open_stream(reply.body).read_all().num_rows == 500
+
+        def status_of(request: Any, metadata: Any) -> tuple[grpc.StatusCode, dict[str, Any]]:
+            with pytest.raises(grpc.RpcError) as raised:
+                stub(request, metadata=metadata, timeout=60)
+            return raised.value.code(), json.loads(raised.value.details() or "{}")
+
+        code, details = status_of(PredictRequest(body=body), app)  # no key
+        assert code == grpc.StatusCode.UNAUTHENTICATED and details["error"]["field"] == "Authorization"
+        assert key not in json.dumps(details)
+        bad = json.dumps({"instances": [{**rows.to_pylist()[0], "tenure_months": "many"}]}).encode()
+        code, details = status_of(PredictRequest(body=bad), auth)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details["error"]["field"] == "tenure_months", details
+        code, details = status_of(PredictRequest(body=body, content_type="text/plain"), auth)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        # over the app's max_body_bytes (1 MiB): our bound, named
+        code, details = status_of(PredictRequest(body=b" " * (2 << 20)), auth)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details["error"]["field"] == "body", details
+        # over gRPC's own message bound (64 MiB): refused before the replica decodes anything
+        with pytest.raises(grpc.RpcError) as raised:
+            stub(PredictRequest(body=b" " * (65 << 20)), metadata=auth, timeout=120)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value.details()
+    assert httpx.get(f"{endpoint}/healthz").status_code == 200
+    front = [(name, host) for _, name, host, port in listeners() if port == grpc_port]
+    assert front == [("haproxy", "127.0.0.1")], front
+
+
+def _grpc_ready(stub: Any, metadata: Any) -> bool:
+    """Whether HAProxy's gRPC backend for the app is up (a bad body answers, not UNAVAILABLE)."""
+    import grpc
+
+    from runtime.serving import PredictRequest
+
+    try:
+        stub(PredictRequest(body=b"{}"), metadata=metadata, timeout=5)
+    except grpc.RpcError as exc:
+        return exc.code() not in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+    return True

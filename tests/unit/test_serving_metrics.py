@@ -199,10 +199,35 @@ def test_backend_calls_per_batch_do_not_grow_with_rows(monkeypatch: pytest.Monke
     assert per_batch[0] == per_batch[1] < 60
 
 
+def test_batches_are_held_and_counted_together_at_the_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's batch costs an append; the counting runs once per flush over all held rows
+    (one pass per schema: JSON and Arrow bodies may decode to different column types)."""
+    measured: list[int] = []
+    original = _metrics._RowCounts.measure
+
+    def counting(self: Any, table: pa.Table, outputs: Any) -> Any:
+        if table.num_rows:  # an empty table starts a new interval's counts
+            measured.append(table.num_rows)
+        return original(self, table, outputs)
+
+    monkeypatch.setattr(_metrics._RowCounts, "measure", counting)
+    m = ServingMetrics("churn", "3", "prometheus", numeric_buckets={"x": [1.5]}, flush_interval_s=3600)
+    for i in range(100):
+        m.observe_batch(pa.table({"x": [float(i % 3)]}), Predictions([0.25], None, None))
+    m.observe_batch(pa.table({"x": pa.array([1, 2], pa.int64())}), Predictions([0.75, 0.75], None, None))
+    assert measured == []
+    m.flush()
+    assert sorted(measured) == [2, 100]
+    s = scrape(m)
+    assert value(s, "skewless_serve_rows_total") == 102
+    assert value(s, "skewless_serve_feature_bucket_total", feature="x", le="1.5") == 34 + 33 + 1
+    assert value(s, "skewless_serve_prediction_bucket_total", output="value", le="+Inf") == 102
+
+
 def test_observe_batch_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     m = simple(numeric_buckets={"x": [1.0]})
     m.observe_batch(pa.table({"x": pa.array([[1.0]])}), Predictions([0.1], None, None))  # a list column
-    assert "observe_batch failed" in caplog.text
+    assert "1 held rows could not be counted" in caplog.text
     m.observe_batch(pa.table({"y": [1.0]}), Predictions([0.1], None, None))  # the feature is absent
 
 
