@@ -25,6 +25,7 @@ __all__ = [
     "CURRENT_CLUSTER",
     "DEFAULT_DASHBOARD",
     "HEADROOM_CPUS",
+    "VERBOSE_ENV",
     "check_placeable",
     "cluster_client_env",
     "clusters_dir",
@@ -34,6 +35,7 @@ __all__ = [
     "dashboard_address",
     "started_locally",
     "use_current_cluster",
+    "verbose_requested",
 ]
 
 # Where `ray start --head` puts the dashboard (Jobs and Serve REST APIs) by default.
@@ -98,14 +100,25 @@ def cpus_for(num_workers: int, cpus_per_worker: float, groups: int = 1) -> int:
     return int(num_workers * cpus_per_worker * groups) + HEADROOM_CPUS
 
 
+VERBOSE_ENV = "SKEWLESS_VERBOSE"  # 1: the engines' logs (and the workers' output) on the terminal
+
+
+def verbose_requested(flag: bool = False) -> bool:
+    """``flag``, or ``SKEWLESS_VERBOSE`` set to 1/true/yes (how a submitted job is told)."""
+    return flag or os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def connect(min_cpus: int = 8) -> None:
-    """Connect this process to Ray once; a no-op when already connected."""
+    """Connect this process to Ray once; a no-op when already connected. The workers' output
+    stays in Ray's logs and Ray's own messages below WARNING stay off the terminal, unless
+    :func:`verbose_requested`."""
     global _started_here
     import ray
 
     if ray.is_initialized():
         return
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    verbose = verbose_requested()
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     address = os.environ.get("RAY_ADDRESS", "")
     if address and address != "local":
         ray.init(address=address, **quiet)  # type: ignore[arg-type]

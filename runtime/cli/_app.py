@@ -17,6 +17,7 @@ from rich.console import Console
 
 from runtime.cli._cluster import cluster_app
 from runtime.cli._monitor import monitor_app
+from runtime.connect import VERBOSE_ENV
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -88,16 +89,27 @@ def demo(
         )
 
 
+VERBOSE_HELP = (
+    "Show the engines' logs (Ray Data, Ray Train, workers' output) too; by default they go to the job's log file."
+)
+
+
 @train_app.command("run")
-def train_run(config: Annotated[Path, typer.Argument(help="Training job YAML.")]) -> None:
-    """Run a training job from this process (starts or joins Ray).
+def train_run(
+    config: Annotated[Path, typer.Argument(help="Training job YAML.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+) -> None:
+    """Run a training job from this process (starts or joins Ray), showing each epoch's
+    progress (loss, rows/s) and any worker failure and resume.
 
     Example: skewless train run jobs/configs/churn.yaml
     """
     from runtime.training import load_train_config, run_training
 
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # before Ray is joined: the workers' output is forwarded
     cfg = load_train_config(config)
-    outcome = run_training(cfg, config_dir=config.resolve().parent, progress=_progress)
+    outcome = run_training(cfg, config_dir=config.resolve().parent, progress=_progress, verbose=verbose)
     console.print(f"run {outcome.run_id}: models:/{outcome.model_name}/{outcome.version} — {outcome.decision}")
 
 
@@ -109,6 +121,7 @@ def train_submit(
     config: Annotated[Path, typer.Argument(help="Training job YAML inside the project.")],
     address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Submit a training job through Ray's Jobs API (validated here first).
 
@@ -119,7 +132,7 @@ def train_submit(
     from runtime.cluster import follow_logs, job_info, submit_job
     from runtime.training import job_files
 
-    submission = submit_job(config, "jobs.train", job_files, address)
+    submission = submit_job(config, "jobs.train", job_files, address, verbose=verbose)
     for note in submission.notes:
         err_console.print(f"[yellow]note:[/] {note}")
     job_id = submission.job_id

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.connect import dashboard_address
+from runtime.connect import VERBOSE_ENV, dashboard_address
 from runtime.errors import ClusterError, ConfigError
 from runtime.redact import has_credentials, redact
 
@@ -165,9 +165,12 @@ class Submission:
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. a URI left out)
 
 
-def submit_job(config: Path, module: str, validate: Validate, address: str | None = None) -> Submission:
+def submit_job(
+    config: Path, module: str, validate: Validate, address: str | None = None, verbose: bool = False
+) -> Submission:
     """Validate ``config`` here (``validate`` returns the files it references), then submit
-    ``python -m <module> --config <config>`` with an allow-listed working_dir."""
+    ``python -m <module> --config <config>`` with an allow-listed working_dir. ``verbose``: the
+    job's log shows the engines' logs too (``SKEWLESS_VERBOSE=1`` in its environment)."""
     import runtime
     from runtime.registry import git_info
 
@@ -182,6 +185,8 @@ def submit_job(config: Path, module: str, validate: Validate, address: str | Non
     client = _client(address)  # first: with no address, this adopts the current cluster's tracking server
     env, notes = forwarded_env(os.environ)
     env["SKEWLESS_GIT_COMMIT"] = git.commit
+    if verbose:
+        env[VERBOSE_ENV] = "1"
     if git.dirty is not None:
         env["SKEWLESS_GIT_DIRTY"] = str(git.dirty).lower()
     entrypoint = job_entrypoint(module, rel.as_posix())

@@ -22,7 +22,7 @@ import pyarrow as pa
 import yaml
 
 from runtime import registry
-from runtime.connect import check_placeable, connect, cpus_for
+from runtime.connect import check_placeable, connect, cpus_for, verbose_requested
 from runtime.data import dataset_fingerprint
 from runtime.errors import ConfigError, TrainingError
 from runtime.preprocessing import FeatureSpec, FittedPreprocessor, fit
@@ -43,7 +43,9 @@ from runtime.training._ingest import (
     plan_ingest,
 )
 from runtime.training._launch import RunPlaces, fit_watched, scaling, worker_memory
+from runtime.training._logs import engine_logs, job_log_path
 from runtime.training._objective import TabularObjective
+from runtime.training._progress import ProgressChannel, TrainingDisplay, failure_notices
 from runtime.training._worker import EarlyStop, StreamingData, WorkerConfig, train_loop_per_worker
 from runtime.training.callbacks import Callback
 
@@ -222,11 +224,15 @@ def train(
     callbacks: list[Callback] | None = None,
     run_callbacks: list[Any] | None = None,
     storage_path: str | None = None,
+    show_progress: bool = True,
+    log_file: Path | None = None,
 ) -> Trained:
     """Ray Train over the preprocessed training split; the weights of its final checkpoint.
 
     ``callbacks`` join the worker loop's (pickled to the workers); ``run_callbacks`` are Ray
-    Train ``RunConfig`` callbacks (Tune's report callback).
+    Train ``RunConfig`` callbacks (Tune's report callback). With ``show_progress`` the run's
+    steps, epochs and worker failures are shown through ``progress`` (and ``log_file``) as they
+    happen (:class:`~runtime.training._progress.TrainingDisplay`).
     """
     import mlflow
     import ray
@@ -269,7 +275,9 @@ def train(
         key=run.run_id,
         run_id=run.run_id,
     )
+    channel = ProgressChannel() if show_progress else None
     worker = WorkerConfig(
+        progress=channel,
         objective=objective,
         data=data,
         model=f.model_config,
@@ -301,12 +309,19 @@ def train(
             storage_path=places.storage,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=run_callbacks,
+            callbacks=[*(run_callbacks or []), *([failure_notices(channel)] if channel else [])] or None,
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest_options()),
     )
-    result = fit_watched(trainer, cfg.memory, places, progress)
+    if channel is None:
+        result = fit_watched(trainer, cfg.memory, places, progress)
+    else:
+        try:
+            with TrainingDisplay(channel, max_failures=t.max_failures, out=progress, log_file=log_file):
+                result = fit_watched(trainer, cfg.memory, places, progress)
+        finally:
+            channel.close()
     if result.checkpoint is None:
         raise TrainingError(f"training run {run.run_id} ended without a checkpoint")
     metrics = dict(result.metrics or {})
@@ -405,13 +420,42 @@ def run_training(
     callbacks: list[Callback] | None = None,
     storage_path: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    verbose: bool = False,
 ) -> Any:
-    """Train, package, evaluate, register and (maybe) promote. Returns the :class:`TrainOutcome`."""
+    """Train, package, evaluate, register and (maybe) promote. Returns the :class:`TrainOutcome`.
+
+    The engines' INFO logs (Ray Data's plans, Ray Train's) go to the job's log file, which the
+    MLflow run keeps as ``logs/job.log``; ``verbose`` (or ``SKEWLESS_VERBOSE=1``) shows them here.
+    """
+    import mlflow
+
     from runtime.training._promote import register_run
 
-    p = prepare(cfg, config_dir, progress)
-    f = fit_preprocessing(p, progress)
-    with tracked_run(p, f, extra_tags) as run:
-        trained = train(p, f, run, progress, callbacks, storage_path=storage_path)
-        packaged = package(p, f, trained, run, progress)
-        return register_run(run.run_id, cfg, packaged.metrics, packaged.holdout, progress, packaged.model_dir)
+    log_file = job_log_path("train")
+    progress = _teed(progress, log_file)
+    with engine_logs(log_file, verbose_requested(verbose)):
+        progress(f"engine logs: {log_file}" + ("" if verbose_requested(verbose) else " (--verbose shows them here)"))
+        p = prepare(cfg, config_dir, progress)
+        f = fit_preprocessing(p, progress)
+        with tracked_run(p, f, extra_tags) as run:
+            try:
+                trained = train(p, f, run, progress, callbacks, storage_path=storage_path, log_file=log_file)
+                packaged = package(p, f, trained, run, progress)
+                return register_run(run.run_id, cfg, packaged.metrics, packaged.holdout, progress, packaged.model_dir)
+            finally:
+                with contextlib.suppress(Exception):  # the log is a convenience: never fail the job on it
+                    mlflow.log_artifact(str(log_file), "logs")
+
+
+def _teed(progress: Progress, log_file: Path) -> Progress:
+    """``progress``, each line also appended to ``log_file``."""
+
+    def both(message: str) -> None:
+        progress(message)
+        try:
+            with log_file.open("a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+        except OSError:
+            pass
+
+    return both

@@ -177,7 +177,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], parent_run_id: str, met
     f = fit_preprocessing(p, print)
     tags = {Tag.PARENT_RUN: parent_run_id, Tag.TUNE_TRIAL: str(trial_id), Tag.TUNE_PARAMS: json.dumps(params)}
     with tracked_run(p, f, tags) as run:
-        trained = train(p, f, run, print, run_callbacks=[_report_callback()])
+        trained = train(p, f, run, print, run_callbacks=[_report_callback()], show_progress=False)
         package(p, f, trained, run, print)
         # the validation metric of the weights it packaged (early stopping's best epoch's)
         mlflow.log_metric(FINAL + metric, float(final_validation(trained.metrics)[metric]))

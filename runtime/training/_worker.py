@@ -22,6 +22,7 @@ import numpy as np
 from runtime.registry import RunLogger
 from runtime.training._checkpoint import load_checkpoint, save_checkpoint, save_rng_state
 from runtime.training._objective import Objective
+from runtime.training._progress import RESUMED_FROM
 from runtime.training._step import (
     guarded_step,
     make_optimizer,
@@ -99,6 +100,7 @@ class WorkerConfig:
     run_logger: RunLogger | None = None
     checkpoint_files: dict[str, str] = field(default_factory=dict)  # e.g. preprocessor.json
     callbacks: tuple[Callback, ...] = ()  # added after the built-in ones
+    progress: Any = None  # a ProgressChannel: rank 0 posts the job's progress to the driver
     version: int = VERSION
 
 
@@ -155,6 +157,10 @@ def build_callbacks(config: WorkerConfig) -> list[Callback]:
     callbacks += list(config.callbacks)
     if config.run_logger is not None:
         callbacks.append(MlflowMetrics(config.run_logger))
+    if config.progress is not None:  # last: an epoch's event carries every callback's metrics
+        from runtime.training._progress import ProgressReporter
+
+        callbacks.append(ProgressReporter(config.progress))
     return callbacks
 
 
@@ -249,9 +255,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         batch_size=per_rank,
         micro_batch_size=min(config.micro_batch_size or per_rank, per_rank),
     )
+    state.extra["steps_per_epoch"] = -(-total_steps // max(config.epochs, 1)) if total_steps else None
     callbacks = CallbackList(build_callbacks(config))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        state.extra[RESUMED_FROM] = Path(checkpoint.path).name  # checkpoint_<time>: the run's storage has it
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(
                 Path(d), base, optimizer, scheduler, expected_fingerprint=config.run_fingerprint, rank=rank

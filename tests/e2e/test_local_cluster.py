@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -89,6 +90,9 @@ def test_a_local_cluster_trains_across_nodes_serves_and_leaves_nothing(tmp_path:
         job = _run([skewless, "train", "submit", "tests/e2e/configs/churn_two_nodes.yaml"], env, timeout=600)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
         assert "models:/churn/1" in job.stdout
+        # the submitted job's log shows the job (its epochs), the engines' INFO is in its log file
+        assert re.search(r"epoch 1/\d+ done in [\d.]+s \([\d,]+ rows/s", job.stdout), job.stdout[-4000:]
+        assert "Starting execution of Dataset" not in job.stdout and "engine logs: " in job.stdout
         headers = {"Authorization": f"Bearer {token}"}
         actors = httpx.get(
             f"{state['dashboard']}/api/v0/actors?limit=1000&detail=1", headers=headers, timeout=30

@@ -68,9 +68,10 @@ def test_killed_worker_is_replaced_and_the_model_is_unchanged(ray_session: Any, 
         _cfg(data, "ft-ref", "ft-ref"), progress=lambda m: None, storage_path=str(tmp_path / "results")
     )
     marker, starts = tmp_path / "killed", tmp_path / "starts"
+    shown: list[str] = []
     resumed = run_training(
         _cfg(data, "ft-killed", "ft-killed"),
-        progress=lambda m: None,
+        progress=shown.append,
         callbacks=[KillOnce(str(marker), step=12, rank=1), RecordStarts(str(starts))],
         storage_path=str(tmp_path / "results"),
     )
@@ -80,6 +81,17 @@ def test_killed_worker_is_replaced_and_the_model_is_unchanged(ray_session: Any, 
     # is asynchronous), not from scratch.
     first, second = starts.read_text().split()
     assert first == "0:0:0" and second in ("0:5:5", "0:10:10")
+    # ...and the job said so, in one line: which rank, where the run was, what it resumed from,
+    # how many restarts are left (max_failures 2)
+    failures = [line for line in shown if line.startswith("worker failure:")]
+    assert len(failures) == 1, shown
+    step = second.split(":")[1]
+    assert "rank 1 (ActorDiedError: " in failures[0], failures  # the dead worker, inside Ray's wrapper
+    assert "(last reported: epoch 1/2, step " in failures[0], failures
+    assert "resumed from checkpoint checkpoint_" in failures[0] and f"(epoch 1, step {step})" in failures[0]
+    assert failures[0].endswith("; 1 restart left of 2"), failures
+    # the epochs and steps were shown as they went
+    assert any(line.startswith("epoch 2/2 done in ") for line in shown), shown
     a = load_file(str(reference.model_dir / "weights.safetensors"))
     b = load_file(str(resumed.model_dir / "weights.safetensors"))
     # Exact on CPU with a fixed seed: same data order per (seed, epoch, rank), each rank's RNG
