@@ -118,7 +118,11 @@ def connect(min_cpus: int = 8) -> None:
     if ray.is_initialized():
         return
     verbose = verbose_requested()
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    # ray.init sets the "ray" logger's level: keep a lower one a caller chose (a job's log file
+    # takes Ray's INFO while the terminal shows warnings: runtime.training's engine_logs)
+    chosen = logging.getLogger("ray").level
+    level = logging.INFO if verbose else (chosen if logging.NOTSET < chosen < logging.WARNING else logging.WARNING)
+    quiet = {"log_to_driver": verbose, "logging_level": level}
     address = os.environ.get("RAY_ADDRESS", "")
     if address and address != "local":
         ray.init(address=address, **quiet)  # type: ignore[arg-type]

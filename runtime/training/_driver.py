@@ -275,53 +275,51 @@ def train(
         key=run.run_id,
         run_id=run.run_id,
     )
-    channel = ProgressChannel() if show_progress else None
-    worker = WorkerConfig(
-        progress=channel,
-        objective=objective,
-        data=data,
-        model=f.model_config,
-        optimizer=cfg.optimizer,
-        seed=t.seed,
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        # a checkpoint of another run (other data, features or model) is refused on resume
-        run_fingerprint=_sha256(f.prep.fingerprint + json.dumps(f.model_config, sort_keys=True)),
-        micro_batch_size=t.micro_batch_size,
-        precision=t.precision,
-        lr_schedule=t.lr_schedule,
-        warmup_steps=t.warmup_steps,
-        grad_clip=t.grad_clip,
-        checkpoint_every_steps=t.checkpoint_every_steps,
-        early_stopping=early,
-        memory=worker_memory(cfg.memory, places),
-        run_logger=run.logger,
-        checkpoint_files={"preprocessor.json": f.prep.to_json(), "model.json": json.dumps(f.model_config)},
-        callbacks=tuple(callbacks or ()),
-    )
-    progress(f"training on {t.num_workers} Ray Train worker(s), {t.epochs} epoch(s)")
-    trainer = TorchTrainer(
-        train_loop_per_worker,  # type: ignore[arg-type]  # V2 keeps rank 0's return value; the stubs say None
-        train_loop_config={"worker": worker},
-        **scaling(t.num_workers, t.use_gpu, t.cpus_per_worker, t.gpus_per_worker),
-        run_config=RunConfig(
-            name=places.name,
-            storage_path=places.storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=[*(run_callbacks or []), *([failure_notices(channel)] if channel else [])] or None,
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(execution_options=ingest_options()),
-    )
-    if channel is None:
+    with contextlib.ExitStack() as stack:
+        channel = ProgressChannel() if show_progress else None
+        if channel is not None:  # the queue's actor goes when this does, whatever fails below
+            stack.callback(channel.close)
+        worker = WorkerConfig(
+            progress=channel,
+            objective=objective,
+            data=data,
+            model=f.model_config,
+            optimizer=cfg.optimizer,
+            seed=t.seed,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            # a checkpoint of another run (other data, features or model) is refused on resume
+            run_fingerprint=_sha256(f.prep.fingerprint + json.dumps(f.model_config, sort_keys=True)),
+            micro_batch_size=t.micro_batch_size,
+            precision=t.precision,
+            lr_schedule=t.lr_schedule,
+            warmup_steps=t.warmup_steps,
+            grad_clip=t.grad_clip,
+            checkpoint_every_steps=t.checkpoint_every_steps,
+            early_stopping=early,
+            memory=worker_memory(cfg.memory, places),
+            run_logger=run.logger,
+            checkpoint_files={"preprocessor.json": f.prep.to_json(), "model.json": json.dumps(f.model_config)},
+            callbacks=tuple(callbacks or ()),
+        )
+        progress(f"training on {t.num_workers} Ray Train worker(s), {t.epochs} epoch(s)")
+        trainer = TorchTrainer(
+            train_loop_per_worker,  # type: ignore[arg-type]  # V2 keeps rank 0's return value; the stubs say None
+            train_loop_config={"worker": worker},
+            **scaling(t.num_workers, t.use_gpu, t.cpus_per_worker, t.gpus_per_worker),
+            run_config=RunConfig(
+                name=places.name,
+                storage_path=places.storage,
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                callbacks=[*(run_callbacks or []), *([failure_notices(channel)] if channel else [])] or None,
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(execution_options=ingest_options()),
+        )
+        if channel is not None:
+            stack.enter_context(TrainingDisplay(channel, max_failures=t.max_failures, out=progress, log_file=log_file))
         result = fit_watched(trainer, cfg.memory, places, progress)
-    else:
-        try:
-            with TrainingDisplay(channel, max_failures=t.max_failures, out=progress, log_file=log_file):
-                result = fit_watched(trainer, cfg.memory, places, progress)
-        finally:
-            channel.close()
     if result.checkpoint is None:
         raise TrainingError(f"training run {run.run_id} ended without a checkpoint")
     metrics = dict(result.metrics or {})
@@ -424,8 +422,10 @@ def run_training(
 ) -> Any:
     """Train, package, evaluate, register and (maybe) promote. Returns the :class:`TrainOutcome`.
 
-    The engines' INFO logs (Ray Data's plans, Ray Train's) go to the job's log file, which the
-    MLflow run keeps as ``logs/job.log``; ``verbose`` (or ``SKEWLESS_VERBOSE=1``) shows them here.
+    The engines' INFO logs in this process (Ray Data's plans, Ray's, MLflow's) go to the job's log
+    file (``$SKEWLESS_HOME/logs/train-<time>-<pid>.log``), which the MLflow run keeps under
+    ``logs/``; ``verbose`` (or ``SKEWLESS_VERBOSE=1``) shows them here, with the workers' output.
+    Ray Train's controller and the workers log in their own processes (Ray's session logs).
     """
     import mlflow
 
@@ -448,7 +448,8 @@ def run_training(
 
 
 def _teed(progress: Progress, log_file: Path) -> Progress:
-    """``progress``, each line also appended to ``log_file``."""
+    """``progress``, each line also appended to ``log_file`` (the driver's lines: paths and
+    figures it already redacted)."""
 
     def both(message: str) -> None:
         progress(message)

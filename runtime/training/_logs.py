@@ -6,7 +6,8 @@ Ray Data's progress bars warn that tqdm is missing. A job's terminal (or a submi
 should show the job: its progress, its epochs, its failures (``runtime.training._progress``).
 :func:`engine_logs` sends the engines' INFO records to the job's log file, keeps WARNING and
 above on the terminal, and turns Ray Data's progress bars off; ``verbose`` leaves everything as
-Ray has it, and workers' output forwarded to the driver too.
+Ray has it, and workers' output forwarded to the driver too. Ray Train's controller and the
+workers run in their own processes: their logs stay in Ray's session logs (``ray logs``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ def job_log_path(kind: str = "train") -> Path:
     return logs / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
+class _Redacted(logging.Filter):
+    """The job's log file goes to the MLflow run: credentials in a message (a URI with a key in
+    it, in a Ray Data path warning) or a traceback are redacted before it is written. A filter,
+    not a formatter: ``ray.init`` replaces the formatters of the "ray" logger's handlers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from runtime.redact import redact
+
+        record.msg, record.args = redact(record.getMessage()), ()
+        if record.exc_info and not record.exc_text:  # formatters use the cached text when it is set
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
 class _FileOnly(logging.Filter):
     """Keeps Ray's notice that token authentication is on (with how to turn it off) off the
     terminal: skewless keeps it on; the job's log file still has it."""
@@ -57,9 +72,11 @@ def engine_logs(log_file: Path, verbose: bool = False) -> Iterator[Path]:
     import ray.data  # configures Ray Data's logger (its own console handler) on import
     from ray.util.debug import log_once
 
+    log_file.touch(mode=0o600)  # the engines' messages are the user's: not world-readable
     handler = logging.FileHandler(log_file)
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.addFilter(_Redacted())
     quiet = _FileOnly()
     filtered: list[logging.Handler] = []
     saved_levels: list[tuple[logging.Handler, int]] = []

@@ -154,8 +154,11 @@ def _failure_notices_class() -> type:
             self.channel = channel
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-            errors = {int(rank): _short_error(exc) for rank, exc in sorted(worker_exceptions.items())}
-            self.channel.post({"kind": "failure", "errors": errors, "t": time.time()})
+            try:  # Ray Train calls this without a guard: an error here would fail the controller
+                errors = {int(rank): _short_error(exc) for rank, exc in sorted(worker_exceptions.items())}
+                self.channel.post({"kind": "failure", "errors": errors, "t": time.time()})
+            except Exception:
+                logger.exception("could not post a worker failure to the job's display")
 
     return FailureNoticesImpl
 
@@ -258,8 +261,8 @@ class TrainingDisplay:
 
     ``live`` (default: stdout is a terminal) shows a rich progress bar with the loss and rows/s,
     and prints epoch and failure lines above it; otherwise each is a plain line through ``out``
-    (a step line at most every ``line_interval_s``). ``log_file`` gets every step line and, on a
-    live display, the lines printed above the bar (plain lines went to ``out``, the caller's).
+    (a step line at most every ``line_interval_s``). Epoch and failure lines always go through
+    ``out`` (on a live display rich shows them above the bar); ``log_file`` gets every step line.
     """
 
     def __init__(
@@ -378,12 +381,10 @@ class TrainingDisplay:
 
     # -- output
     def _emit(self, line: str) -> None:
+        """A line for the caller's ``out`` (a live bar takes what is printed meanwhile and shows it
+        above itself); the driver's ``out`` writes the job log too."""
         self.lines.append(line)
-        if self._progress is not None:
-            self._progress.console.print(line, markup=False, highlight=False)
-            self._log(line)
-        else:
-            self.out(line)  # the caller's to keep (the driver's progress writes the job log too)
+        self.out(line)
 
     def _log(self, line: str) -> None:
         if self.log_file is None:

@@ -205,21 +205,22 @@ def test_a_live_display_draws_a_bar_and_prints_the_lines_above_it() -> None:
     channel = ListChannel()
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, width=120)
-    display = TrainingDisplay(channel, max_failures=1, live=True, poll_s=0.05, console=console)  # type: ignore[arg-type]
+    out: list[str] = []
+    display = TrainingDisplay(
+        channel,  # type: ignore[arg-type]
+        max_failures=1,
+        out=out.append,
+        live=True,
+        poll_s=0.05,
+        console=console,
+    )
+    epoch = {"kind": "epoch", "epoch": 0, "epochs": 2, "step": 24, "seconds": 1.0, "rows_per_s": 10.0}
     with display:
         channel.post(_step(12))
-        channel.post(
-            {
-                "kind": "epoch",
-                "epoch": 0,
-                "epochs": 2,
-                "step": 24,
-                "seconds": 1.0,
-                "rows_per_s": 10.0,
-                "metrics": {"train_loss": 0.3},
-            }
-        )
-    assert "epoch 1/2 done in 1.0s" in buffer.getvalue()
+        channel.post({**epoch, "metrics": {"train_loss": 0.3}})
+    # the epoch line goes through `out` (print: the live bar shows it above itself)
+    assert out == ["epoch 1/2 done in 1.0s (10 rows/s, step 24): train_loss 0.3000"]
+    assert "loss 0.5000" in buffer.getvalue()  # the bar, with the step's loss
     assert display._progress.tasks[0].completed == 12 and display._progress.tasks[0].total == 24
 
 
@@ -246,9 +247,12 @@ def test_engine_info_goes_to_the_job_log_not_the_terminal_unless_verbose(tmp_pat
         with engine_logs(log):
             assert ray.data.DataContext.get_current().enable_progress_bars is False
             data_logger.info("Execution plan: ReadParquet->MapBatches")
+            data_logger.warning("Failed to resolve path 's3://AKIAKEY:hunter2@bucket/churn.parquet'")
             data_logger.warning("a real problem")
-            logging.getLogger("ray.train.v2.controller").info("attempt 1 started")
+            logging.getLogger("ray.train").info("attempt 1 started")  # the driver's side of Ray Train
         assert "Execution plan" in log.read_text() and "attempt 1 started" in log.read_text()
+        assert oct(log.stat().st_mode & 0o777) == "0o600"
+        assert "s3://" in log.read_text() and "hunter2" not in log.read_text()  # the log goes to MLflow
         assert "Execution plan" not in captured.getvalue() and "a real problem" in captured.getvalue()
         assert log.read_text().count("attempt 1 started") == 1  # "ray.train" propagates once, to "ray"
         ray_console = next(h for h in logging.getLogger("ray").handlers if isinstance(h, logging.StreamHandler))
@@ -276,3 +280,33 @@ def test_engine_info_goes_to_the_job_log_not_the_terminal_unless_verbose(tmp_pat
         assert "after" not in log.read_text()
     finally:
         console[0].setStream(stream)  # type: ignore[attr-defined]
+
+
+def test_connect_keeps_the_ray_level_a_job_log_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init sets the "ray" logger's level: inside engine_logs it must stay INFO (for the file)."""
+    import ray
+
+    from runtime import connect as connect_module
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv("SKEWLESS_VERBOSE", "0")
+    ray_logger = logging.getLogger("ray")
+    level = ray_logger.level
+    try:
+        ray_logger.setLevel(logging.NOTSET)
+        connect_module.connect()
+        ray_logger.setLevel(logging.INFO)
+        connect_module.connect()
+        monkeypatch.setenv("SKEWLESS_VERBOSE", "1")
+        ray_logger.setLevel(logging.NOTSET)
+        connect_module.connect()
+    finally:
+        ray_logger.setLevel(level)
+    assert [(kw["logging_level"], kw["log_to_driver"]) for kw in seen] == [
+        (logging.WARNING, False),
+        (logging.INFO, False),
+        (logging.INFO, True),
+    ]
