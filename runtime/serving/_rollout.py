@@ -325,7 +325,7 @@ def _steps(
         plan = [0.0]
     kind = "shadow" if spec.strategy == "shadow" else "live"
     windows: list[dict[str, Any]] = []
-    previous: tuple[float, float] | None = None  # the last window in which the baseline had traffic
+    previous: tuple[float, float, int] | None = None  # the last window in which the baseline had traffic
     for index, weight in enumerate(plan):
         stopped = _stopped(control)
         if stopped is not None:
@@ -333,7 +333,7 @@ def _steps(
                 spec, stopped["status"], stopped.get("reason", ""), base, cand, windows, run_id, external=True
             )
         weights = {_arm(base): 100.0 - weight, _arm(cand): weight}
-        ray.get(control.set_config.remote(weights=weights))
+        version = int(ray.get(control.set_config.remote(weights=weights)))
         ray.get(control.update_state.remote(step=index, step_weight=weight, weights=weights))
         progress(f"step {index + 1}/{len(plan)}: {weight:g}% of live traffic to v{cand} ({spec.strategy})")
         since = time.time()
@@ -344,7 +344,7 @@ def _steps(
                     spec, stopped["status"], stopped.get("reason", ""), base, cand, windows, run_id, external=True
                 )
             until = time.time()
-            data = ray.get(control.window.remote(since, until))
+            data = ray.get(control.window.remote(since, until, version))  # routed by this step's weights
             base_data = None
             if weights[_arm(base)] == 0 and previous is not None:
                 base_data = ray.get(control.window.remote(*previous))
@@ -379,7 +379,7 @@ def _steps(
             rollback_rollout(spec, reason, progress=progress)
             return _finish(spec, "rolled_back", reason, base, cand, windows, run_id)
         if weights[_arm(base)] > 0:
-            previous = (since, time.time())
+            previous = (since, time.time(), version)
     reason = f"every window passed ({len(windows)})"
     stopped = _stopped(control)
     if stopped is not None:

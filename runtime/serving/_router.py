@@ -130,16 +130,23 @@ class RolloutControl:
     async def record(
         self, samples: list[tuple[Any, ...]], shadows: list[tuple[Any, ...]], counters: dict[str, int]
     ) -> None:
-        for sample in samples:  # (t, arm, kind, latency_ms, status, labels, probabilities)
+        for sample in samples:  # (t, arm, kind, latency_ms, status, labels, probabilities, config version)
             self.samples.setdefault(sample[1], collections.deque(maxlen=SAMPLES_PER_ARM)).append(sample)
         self.shadows.extend(shadows)  # (t, live arm, shadow arm, pairs, flips, prob_deltas)
         self.counters.update(counters)
 
-    async def window(self, since: float, until: float | None = None) -> dict[str, Any]:
-        """Samples with ``since <= t < until``: {"samples": {arm: [...]}, "shadows": [...], "counters"}."""
+    async def window(self, since: float, until: float | None = None, min_version: int = 0) -> dict[str, Any]:
+        """Samples with ``since <= t < until`` routed by config ``min_version`` or later (a router
+        applies new weights at its next poll: requests it routed by the old ones meanwhile belong to
+        the previous step, and counting them would compare the arms over different stretches of
+        traffic): {"samples": {arm: [...]}, "shadows": [...], "counters"}."""
         end = float("inf") if until is None else until
+
+        def kept(s: tuple[Any, ...]) -> bool:
+            return since <= s[0] < end and (len(s) < 8 or s[7] >= min_version)
+
         return {
-            "samples": {arm: [s for s in q if since <= s[0] < end] for arm, q in self.samples.items()},
+            "samples": {arm: [s for s in q if kept(s)] for arm, q in self.samples.items()},
             "shadows": [s for s in self.shadows if since <= s[0] < end],
             "counters": dict(self.counters),
         }
@@ -271,11 +278,12 @@ class Router:
             )
         content_type = request.headers.get("content-type")
         request_id = request_id_of(request.headers.get("x-request-id"))  # one id for the live and shadow answers
+        config_version = self.config_version  # the weights this request was routed by
         arm = self._choose(request)
         t0 = time.perf_counter()
         answer = await self._call(arm, content_type, body, request_id)
         latency_ms = (time.perf_counter() - t0) * 1000
-        self._observe(arm, "live", latency_ms, answer)
+        self._observe(arm, "live", latency_ms, answer, config_version)
         shadow = self.config.get("shadow")
         if shadow and shadow["arm"] != arm and answer.status == 200 and random.random() < shadow.get("fraction", 1.0):
             self._start_shadow(shadow, arm, content_type, body, answer, request_id)
@@ -314,8 +322,12 @@ class Router:
         logger.error("arm %s unreachable after %d attempts: %s", arm, self.retries + 1, last)
         return _internal_error(arm, status=503)
 
-    def _observe(self, arm: str, kind: str, latency_ms: float, answer: Answer) -> None:
-        self.samples.append((time.time(), arm, kind, latency_ms, answer.status, answer.labels, answer.probabilities))
+    def _observe(
+        self, arm: str, kind: str, latency_ms: float, answer: Answer, config_version: int | None = None
+    ) -> None:
+        routed_by = self.config_version if config_version is None else config_version
+        sample = (time.time(), arm, kind, latency_ms, answer.status, answer.labels, answer.probabilities, routed_by)
+        self.samples.append(sample)
         version = str(self.config.get("versions", {}).get(arm, ""))
         self.metrics.request(arm, version, kind, answer.status, latency_ms / 1000)
 

@@ -390,3 +390,27 @@ def test_two_concurrent_promotions_exactly_one_wins(
             abort_rollout(spec)
     finally:
         _kill_control(app)
+
+
+def test_a_step_judges_only_requests_routed_by_its_weights(ray_session: Any) -> None:
+    """Routers apply a step's weights at their next poll: what they routed by the old weights
+    meanwhile (all of it to the baseline) must not join the step's window, or the arms would be
+    compared over different stretches of traffic (identical models once read as diverging)."""
+    import ray
+
+    from runtime.serving import control_actor
+
+    app = "window-versions"
+    control = control_actor(app, {"weights": {"a": 100.0}, "versions": {"a": "1"}})
+    try:
+        step = int(ray.get(control.set_config.remote(weights={"a": 50.0, "b": 50.0})))
+        t = time.time()
+        old = [(t, "a", "live", 1.0, 200, [0], None, step - 1) for _ in range(5)]  # routed before the poll
+        new = [(t, arm, "live", 1.0, 200, [1], None, step) for arm in ("a", "b")]
+        legacy = [(t, "a", "live", 1.0, 200, [1], None)]  # a sample without a version is kept
+        ray.get(control.record.remote(old + new + legacy, [], {}))
+        window = ray.get(control.window.remote(t - 1, t + 1, step))
+        assert [s[5] for s in window["samples"]["a"]] == [[1], [1]] and len(window["samples"]["b"]) == 1
+        assert len(ray.get(control.window.remote(t - 1, t + 1))["samples"]["a"]) == 7  # no version asked: all
+    finally:
+        _kill_control(app)
