@@ -272,9 +272,11 @@ class LiveMonitor:
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table | None:
-    """The tables as one, or None when their schemas cannot be unified."""
+    """The tables as one, in one chunk per column (10,000 one-row requests are otherwise 10,000
+    chunks, and pandas hashes an Arrow column chunk by chunk in Python: 220 ms of the GIL a flush),
+    or None when their schemas cannot be unified."""
     try:
-        return pa.concat_tables(tables, promote_options="permissive")
+        return pa.concat_tables(tables, promote_options="permissive").combine_chunks()
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
 

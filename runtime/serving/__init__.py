@@ -9,6 +9,7 @@ from runtime.serving._grpc import (
     PredictReply,
     PredictRequest,
     add_predictor_servicer,
+    bind_grpc_to_front_host,
     grpc_status,
     predict_stub,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "Verdict",
     "abort_rollout",
     "add_predictor_servicer",
+    "bind_grpc_to_front_host",
     "buffered_requests",
     "build_predictor_app",
     "check_parity",

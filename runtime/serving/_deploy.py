@@ -29,11 +29,19 @@ def validate_serve_config(
         schema = ServeDeploySchema.model_validate(config)
     except ValidationError as exc:
         raise ConfigError(f"{source}: not a valid Serve config:\n{exc}") from None
+    grpc_on = bool(schema.grpc_options and schema.grpc_options.grpc_servicer_functions)
     demands = []
     for app in schema.applications:
         if app.import_path != PREDICTOR_IMPORT_PATH:
             continue
         args = load_config(ServeAppArgs, dict(app.args or {}))
+        if grpc_on and not (args.api_key or args.api_key_env):
+            raise ConfigError(
+                f"{source}: applications[{app.name}].args: gRPC is on (grpc_options.grpc_servicer_functions) "
+                "but the app has no API key: in HAProxy mode Ray 2.60's fallback proxy also serves gRPC on "
+                "every interface (port 9500, no host setting). Set args.api_key_env (e.g. SKEWLESS_API_KEY) "
+                "and the variable in the replicas' runtime_env, or remove grpc_options"
+            )
         for dep in app.deployments:
             demand = _gpu_demand(app.name, dep, args)
             if demand is not None:

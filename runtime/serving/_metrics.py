@@ -482,15 +482,16 @@ class ServingMetrics:
         for table, outputs in held:
             groups.setdefault(table.schema, []).append((table, outputs))
         for batches in groups.values():
-            table = pa.concat_tables([t for t, _ in batches])
-            by_output: dict[str, list[np.ndarray]] = {}
-            for _, outputs in batches:
-                for label, values in outputs:
-                    by_output.setdefault(label, []).append(values)
+            rows = sum(t.num_rows for t, _ in batches)
             try:
+                table = pa.concat_tables([t for t, _ in batches])
+                by_output: dict[str, list[np.ndarray]] = {}
+                for _, outputs in batches:
+                    for label, values in outputs:
+                        by_output.setdefault(label, []).append(values)
                 counts = self._rows.measure(table, [(k, np.concatenate(v)) for k, v in by_output.items()])
             except Exception:  # a metrics bug must not fail the request that flushes
-                logger.exception("serving metrics: %d held rows could not be counted", table.num_rows)
+                logger.exception("serving metrics: %d held rows could not be counted", rows)
                 continue
             with self._lock:
                 self._rows.merge(counts)

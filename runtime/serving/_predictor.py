@@ -51,6 +51,7 @@ from runtime.errors import SchemaValidationError, ServingError
 from runtime.preprocessing import FittedPreprocessor
 from runtime.serving._auth import ApiKeyAuth
 from runtime.serving._codec import HttpError, decode_request, encode_response, is_arrow
+from runtime.serving._grpc import bind_grpc_to_front_host
 from runtime.serving._routes import ROUTES, UNKNOWN_ROUTE
 
 logger = logging.getLogger("ray.serve")
@@ -168,6 +169,7 @@ class Predictor:
         self.startup = {"load_s": round(load_s, 4), "warmup_s": round(time.perf_counter() - t1, 4)}
         self.metrics = self._metrics()
         self.live = self._live_monitor()
+        bind_grpc_to_front_host()  # before Serve starts this replica's own gRPC server (after __init__)
         self._publish_device_memory()
         self._batched_predict.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
         self._batched_predict.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -471,7 +473,8 @@ class Predictor:
     async def Predict(self, request: Any, grpc_context: Any = None) -> Any:
         """``skewless.v1.Predictor/Predict`` through Serve's gRPC ingress (``runtime.serving._grpc``):
         the ``POST /predict`` body in a message, the same checks and answer; an error sets the
-        gRPC status (the HTTP status's counterpart) with the JSON error body as its details."""
+        gRPC status (the HTTP status's counterpart) with the JSON error body as its details
+        (called without a gRPC context, through a handle, it raises the :class:`HttpError`)."""
         from runtime.serving._grpc import PredictReply, grpc_status
 
         t0 = time.perf_counter()
@@ -479,7 +482,9 @@ class Predictor:
         try:
             metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
             self.auth.check(metadata.get("authorization"))
-            body = bytes(request.body)
+            body = getattr(request, "body", None)
+            if not isinstance(body, bytes):
+                raise HttpError(400, "body", type(body).__name__, "a skewless.v1.PredictRequest message")
             if len(body) > self.args.max_body_bytes:
                 raise HttpError(413, "body", len(body), f"request body at most {self.args.max_body_bytes} bytes")
             given = request.request_id or metadata.get("x-request-id")
@@ -497,12 +502,14 @@ class Predictor:
         except Exception:  # a bug of ours: log it, answer INTERNAL (never die)
             logger.exception("unexpected error on gRPC Predict")
             error = HttpError(500, None, None, "internal error; see the replica log")
-        if error is not None and grpc_context is not None:
-            grpc_context.set_code(grpc_status(error.status))
-            grpc_context.set_details(error.body().decode())
         if self.metrics is not None:
             status = 200 if error is None else error.status
             self.metrics.observe_request(GRPC_ROUTE, status, time.perf_counter() - t0)
+        if error is not None:
+            if grpc_context is None:  # not through gRPC (a DeploymentHandle call): nowhere to set a status
+                raise error
+            grpc_context.set_code(grpc_status(error.status))
+            grpc_context.set_details(error.body().decode())
         return reply
 
     async def _predict_body(

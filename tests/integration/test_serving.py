@@ -554,9 +554,25 @@ def test_grpc_predict_answers_as_http_does_through_haproxy_on_loopback(
         with pytest.raises(grpc.RpcError) as raised:
             stub(PredictRequest(body=b" " * (65 << 20)), metadata=auth, timeout=120)
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value.details()
+        assert "larger than max" in (raised.value.details() or ""), raised.value.details()  # gRPC's, not ours
     assert httpx.get(f"{endpoint}/healthz").status_code == 200
-    front = [(name, host) for _, name, host, port in listeners() if port == grpc_port]
+    found = listeners()
+    front = [(name, host) for _, name, host, port in found if port == grpc_port]
     assert front == [("haproxy", "127.0.0.1")], front
+    # each replica's own gRPC server (Ray binds it on [::]): moved to the front's host. Its port is
+    # the one HAProxy's gRPC backend for the app names (`server <replica> <host>:<port> proto h2`)
+    import re
+
+    from runtime.serving import ingress_state_dir
+
+    configs = "".join(p.read_text() for p in ingress_state_dir(serve_clean).rglob("haproxy.cfg"))
+    backends = {
+        int(port)
+        for name, port in re.findall(r"^\s*server (\S+) \S+:(\d+) proto h2", configs, re.M)
+        if "fallback" not in name
+    }
+    replica_grpc = [host for _, name, host, port in found if port in backends and name.startswith("ray::ServeRepli")]
+    assert replica_grpc and set(replica_grpc) <= {"127.0.0.1", "::ffff:7f00:1"}, (replica_grpc, backends)
 
 
 def _grpc_ready(stub: Any, metadata: Any) -> bool:

@@ -361,3 +361,14 @@ def test_labels_join_over_a_longer_window_than_drift_with_one_read(model: Loaded
     assert len(reads) == 1 and reads[0][0] == t0
     assert report.rows == 0 and report.drift is None and report.estimated == {}
     assert report.labels is not None and report.labels.labelled == 200
+
+
+def test_a_flush_works_on_one_chunk_per_column_however_many_requests() -> None:
+    """10,000 one-row requests concatenate to 10,000 chunks, which pandas hashes chunk by chunk in
+    Python while holding the GIL: the flush combines them first."""
+    from runtime.monitoring._live import _concat
+
+    one = pa.table({"x": [1.0], "plan": ["basic"]})
+    combined = _concat([one] * 1000)
+    assert combined is not None and combined.num_rows == 1000
+    assert all(column.num_chunks == 1 for column in combined.columns)

@@ -60,3 +60,17 @@ def test_without_a_known_gpu_size_only_rays_rules_apply() -> None:
 def test_shipped_serve_configs_validate() -> None:
     for path in Path("serve_apps/configs").glob("*.yaml"):
         validate_serve_config(yaml.safe_load(path.read_text()), str(path))
+
+
+def test_grpc_needs_an_api_key_on_every_predictor_app() -> None:
+    """Ray's fallback proxy serves gRPC on every interface in HAProxy mode: gRPC without a key is refused."""
+    config = _config(1, 0.0, 0.0)
+    config["applications"][0]["args"] = {"model_uri": "models:/churn@champion"}
+    config["grpc_options"] = {"port": 9000, "grpc_servicer_functions": ["runtime.serving.add_predictor_servicer"]}
+    with pytest.raises(ConfigError, match=r"applications\[churn\]\.args: gRPC is on .* Set args\.api_key_env"):
+        validate_serve_config(config, "serve.yaml")
+    config["applications"][0]["args"]["api_key_env"] = "SKEWLESS_API_KEY"
+    validate_serve_config(config, "serve.yaml")
+    del config["grpc_options"]  # HTTP on loopback only: no key needed
+    config["applications"][0]["args"].pop("api_key_env")
+    validate_serve_config(config, "serve.yaml")

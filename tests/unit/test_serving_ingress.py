@@ -134,3 +134,45 @@ def test_requests_are_buffered_once_so_haproxy_can_replay_them() -> None:
     once = buffered_requests(_config("127.0.0.1"))
     assert once.count("option http-buffer-request") == 1 and buffered_requests(once) == once
     assert once.index("option http-buffer-request") > once.index("\ndefaults\n")
+
+
+def test_stale_state_dirs_are_pruned_and_live_young_or_foreign_ones_kept(tmp_path: Path) -> None:
+    """Serve never removes HAProxy's state directory; each start removes those no HAProxy serves."""
+    import socket
+    import time
+
+    from runtime.serving._ingress import prune_stale_state_dirs
+
+    uid, old = os.getuid(), time.time() - 3600
+
+    def make(name: str, age: float | None = old) -> Path:
+        path = tmp_path / name
+        (path / "node").mkdir(parents=True, mode=0o700)
+        (path / "node" / "haproxy.cfg").write_text("x")
+        if age is not None:
+            for p in (path / "node" / "haproxy.cfg", path / "node", path):
+                os.utime(p, (age, age))
+        return path
+
+    stale = make(f"skw-{uid}-40001")
+    dead = socket.socket(socket.AF_UNIX)  # a socket file nobody listens on any more
+    dead.bind(str(stale / "node" / "admin.sock"))
+    dead.close()
+    for p in (stale / "node", stale):
+        os.utime(p, (old, old))
+    live = make(f"skw-{uid}-40002")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(live / "node" / "admin.sock"))
+    listener.listen(1)
+    for p in (live / "node", live):
+        os.utime(p, (old, old))
+    young = make(f"skw-{uid}-40003", age=None)  # a Serve starting right now: HAProxy not up yet
+    node_dir = make(f"skw-{uid}-40004-head")  # a local cluster node's temp dir: not ours
+    other = make(f"skw-{uid + 1}-40005")  # another user's name pattern
+    kept_by_caller = make(f"skw-{uid}-40006")
+    try:
+        removed = prune_stale_state_dirs(keep=kept_by_caller, root=tmp_path)
+    finally:
+        listener.close()
+    assert removed == [stale] and not stale.exists()
+    assert all(p.exists() for p in (live, young, node_dir, other, kept_by_caller))
