@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -332,10 +331,10 @@ class BenchContext:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free loopback port this run has not handed out before."""
+    from runtime.connect import free_port as distinct_free_port
+
+    return distinct_free_port()
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120.0) -> None:

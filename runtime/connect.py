@@ -33,6 +33,7 @@ __all__ = [
     "cpus_for",
     "current_cluster_env",
     "dashboard_address",
+    "free_port",
     "started_locally",
     "use_current_cluster",
     "verbose_requested",
@@ -98,6 +99,26 @@ HEADROOM_CPUS = 4
 def cpus_for(num_workers: int, cpus_per_worker: float, groups: int = 1) -> int:
     """Logical CPUs to start a local instance with for ``groups`` concurrent worker groups."""
     return int(num_workers * cpus_per_worker * groups) + HEADROOM_CPUS
+
+
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on ``host`` (127.0.0.1 for a wildcard host) that this process has not
+    handed out before: the kernel can give consecutive binds the same port back, and a GCS and a
+    dashboard chosen that way once collided (Ray refuses to start)."""
+    import socket
+
+    bind = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as s:
+            s.bind((bind, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free port on {bind} that this process has not already handed out")
 
 
 VERBOSE_ENV = "SKEWLESS_VERBOSE"  # 1: the engines' logs (and the workers' output) on the terminal

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,9 +60,10 @@ def listeners() -> list[tuple[int, str, str, int]]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port no earlier call in this session returned (runtime.connect.free_port)."""
+    from runtime.connect import free_port as distinct_free_port
+
+    return distinct_free_port()
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from runtime.cluster._sockets import listening_sockets
 from runtime.config import StrictModel, read_yaml, validate
-from runtime.connect import CURRENT_CLUSTER, cluster_client_env, clusters_dir
+from runtime.connect import CURRENT_CLUSTER, cluster_client_env, clusters_dir, free_port
 from runtime.errors import ClusterError
 
 Progress = Callable[[str], None]
@@ -90,12 +90,6 @@ class ClusterState:
 
 def load_spec(path: str | os.PathLike[str]) -> LocalClusterSpec:
     return validate(LocalClusterSpec, read_yaml(path, "cluster spec"), str(path))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _alive(pgid: int) -> bool:
@@ -159,12 +153,12 @@ def _node_temp_dir(gcs_port: int, role: str) -> Path:
 def _node_args(spec: NodeSpec, temp_dir: Path) -> tuple[list[str], dict[str, int]]:
     """The port flags every node needs on a shared IP, its temp dir and its resources."""
     ports = {
-        "node_manager_port": _free_port(),
-        "object_manager_port": _free_port(),
-        "metrics_export_port": _free_port(),
-        "dashboard_agent_listen_port": _free_port(),
-        "dashboard_agent_grpc_port": _free_port(),
-        "runtime_env_agent_port": _free_port(),
+        "node_manager_port": free_port(),
+        "object_manager_port": free_port(),
+        "metrics_export_port": free_port(),
+        "dashboard_agent_listen_port": free_port(),
+        "dashboard_agent_grpc_port": free_port(),
+        "runtime_env_agent_port": free_port(),
     }
     args = ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={int(spec.num_cpus)}", f"--num-gpus={spec.num_gpus}"]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in ports.items()]
@@ -194,9 +188,9 @@ def cluster_up(spec: LocalClusterSpec, progress: Progress = print) -> ClusterSta
     token_path = state_dir / "auth_token"
     _write_private(token_path, secrets.token_hex(32))
     bin_dir = Path(sys.executable).parent
-    mlflow_port = spec.mlflow_port or _free_port()
+    mlflow_port = spec.mlflow_port or free_port()
     tracking_uri = f"http://127.0.0.1:{mlflow_port}"
-    gcs_port, dash_port = _free_port(), spec.dashboard_port or _free_port()
+    gcs_port, dash_port = free_port(), spec.dashboard_port or free_port()
     state = ClusterState(
         name=spec.name,
         state_dir=str(state_dir),
@@ -231,7 +225,7 @@ def cluster_up(spec: LocalClusterSpec, progress: Progress = print) -> ClusterSta
             f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ]
         progress(f"starting the head node ({spec.head.num_cpus:g} CPUs) on 127.0.0.1:{gcs_port}")
         pgid = _spawn([str(bin_dir / "ray"), "start", *head_args], env, logs / "head.log")

@@ -46,6 +46,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runtime.connect import free_port
 from runtime.errors import ServingError
 from runtime.serving._grpc import FRONT_HOST_ENV
 
@@ -140,15 +141,6 @@ def _launcher_source(binary: str) -> str:
             "",
         ]
     )
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host if host not in ("0.0.0.0", "::") else "127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _haproxy_binary() -> str | None:
@@ -249,8 +241,8 @@ def ingress_options(http_options: dict[str, Any]) -> dict[str, Any] | None:
     os.replace(tmp, launcher)
     env = {
         # Ray's fixed defaults (8404, 9101) would collide between two Serve instances on a machine
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(http_options.get("host") or "127.0.0.1")),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(http_options.get("host") or "127.0.0.1")),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(http_options.get("host") or "127.0.0.1")),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(http_options.get("host") or "127.0.0.1")),
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(launcher),

@@ -71,3 +71,12 @@ def test_commands_without_an_address_use_the_current_cluster(tmp_path: Path, mon
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:15000"
     assert dashboard_address("http://10.0.0.5:8265") == "http://10.0.0.5:8265"  # --address wins
     assert LocalClusterSpec().name == "skewless-local"
+
+
+def test_free_ports_are_never_handed_out_twice() -> None:
+    """Consecutive binds can get the same port back from the kernel; a GCS and a dashboard once
+    did, and Ray refused to start. runtime.connect.free_port never repeats one in a process."""
+    from runtime.connect import free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == 200
