@@ -77,18 +77,29 @@ def render(
 @cluster_app.command("up")
 def up(
     spec: Annotated[
-        Path, typer.Argument(help="Local cluster spec: head and worker nodes (cluster/local.yaml).")
+        Path,
+        typer.Argument(
+            help="Cluster spec: local (cluster/local.yaml), `ray up` (cluster/aws.yaml, cluster/gcp.yaml) "
+            "or KubeRay manifests (cluster/kubernetes/raycluster.yaml)."
+        ),
     ] = Path("cluster/local.yaml"),
 ) -> None:
-    """Start a real multi-node Ray cluster on this machine, with MLflow's tracking server on the head.
+    """Start a cluster: a real multi-node Ray cluster on this machine (MLflow's tracking server on
+    the head), or a cloud one through Ray's launcher (`ray up`), or KubeRay's (`kubectl apply`).
 
-    Every port on 127.0.0.1, token auth on (the token stays in the cluster's state directory,
-    0600); later commands without --address use this cluster.
+    Local: every port on 127.0.0.1, token auth on (the token stays in the cluster's state
+    directory, 0600); later commands without --address use this cluster. Cloud: the token file the
+    spec mounts is made first (0600), then `ray up -y` runs with its own output.
 
     Example: skewless cluster up cluster/local.yaml
     """
-    from runtime.cluster import cluster_up, load_spec
+    from runtime.cluster import cluster_up, launch, load_spec, spec_kind
 
+    if spec_kind(spec) != "local":
+        code = launch(spec, "up", progress=console.print)
+        if code:
+            raise typer.Exit(code)
+        return
     state = cluster_up(load_spec(spec), progress=console.print)
     console.print(f"dashboard  {state.dashboard}   (remote: ssh -L 8265:{state.dashboard[7:]} <host>)")
     console.print(f"tracking   {state.tracking_uri}")
@@ -96,13 +107,28 @@ def up(
 
 
 @cluster_app.command("down")
-def down(name: Annotated[str | None, typer.Argument(help="Cluster name (default: the current one).")] = None) -> None:
-    """Stop every process `cluster up` started (workers, head, tracking server), and nothing else.
+def down(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Local cluster name (default: the current one), or a `ray up` / KubeRay spec file."),
+    ] = None,
+) -> None:
+    """Stop a cluster: every process a local `cluster up` started (workers, head, tracking
+    server) and nothing else, or a cloud one through `ray down` / `kubectl delete`.
 
     Example: skewless cluster down
     """
-    from runtime.cluster import cluster_down
+    from runtime.cluster import cluster_down, launch, spec_kind
 
+    if name is not None and name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        if spec_kind(Path(name)) != "local":
+            code = launch(Path(name), "down", progress=console.print)
+            if code:
+                raise typer.Exit(code)
+            return
+        from runtime.cluster import load_spec
+
+        name = load_spec(name).name
     cluster_down(name, progress=console.print)
 
 

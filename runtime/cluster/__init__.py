@@ -17,6 +17,7 @@ from runtime.cluster._jobs import (
     submit_job,
 )
 from runtime.cluster._kuberay import render_kuberay, tracking_uri
+from runtime.cluster._launch import SpecKind, launch, launcher_command, spec_kind
 from runtime.cluster._local import (
     ClusterState,
     ClusterStatus,
@@ -53,6 +54,7 @@ __all__ = [
     "Listener",
     "LocalClusterSpec",
     "NodeSpec",
+    "SpecKind",
     "Submission",
     "cluster_down",
     "cluster_status",
@@ -65,6 +67,8 @@ __all__ = [
     "job_logs",
     "job_resources",
     "kuberay_schema_dir",
+    "launch",
+    "launcher_command",
     "list_jobs",
     "listening_sockets",
     "load_spec",
@@ -74,6 +78,7 @@ __all__ = [
     "render_manifests",
     "render_ray_up",
     "serve_gpus",
+    "spec_kind",
     "stage_working_dir",
     "stale_manifests",
     "stop_job",
