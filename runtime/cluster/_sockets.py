@@ -30,8 +30,9 @@ def _listening_inodes() -> dict[str, tuple[str, int]]:
             hexhost, hexport = fields[1].rsplit(":", 1)
             raw = bytes.fromhex(hexhost)
             # /proc prints each 32-bit word in host (little-endian) order
-            host = str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))))
-            sockets[fields[9]] = (host, int(hexport, 16))
+            address = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
+            mapped = getattr(address, "ipv4_mapped", None)  # an IPv6 socket bound to ::ffff:127.0.0.1
+            sockets[fields[9]] = (str(mapped or address), int(hexport, 16))
     return sockets
 
 
@@ -44,9 +45,15 @@ def listening_sockets(pids: Iterable[int] | None = None) -> list[Listener]:
     for pid in sorted(pids):
         try:
             name = Path(f"/proc/{pid}/comm").read_text().strip()
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:  # gone, or not ours
             continue
+        links = []
+        for fd in fds:
+            try:
+                links.append(os.readlink(fd))
+            except OSError:  # closed since the listing (the listing's own fd, in this process)
+                continue
         for link in links:
             inode = link[8:-1] if link.startswith("socket:[") else ""
             if inode in sockets:

@@ -80,3 +80,19 @@ def test_free_ports_are_never_handed_out_twice() -> None:
 
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == 200
+
+
+def test_an_ipv6_socket_on_mapped_loopback_is_reported_as_loopback() -> None:
+    """A socket bound to ::ffff:127.0.0.1 (how gRPC binds "127.0.0.1" on a dual-stack socket)
+    listens on loopback only: status must not count it as exposed."""
+    import os
+    import socket
+
+    from runtime.cluster import listening_sockets
+
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::ffff:127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        mine = [x for x in listening_sockets([os.getpid()]) if x.port == port]
+    assert [x.host for x in mine] == ["127.0.0.1"], mine
