@@ -34,6 +34,7 @@ from runtime.serving._rollout import (
 )
 from runtime.serving._router import ROLLOUT_METRICS, RolloutControl, Router, control_actor, pick_arm, stable_unit
 from runtime.serving._routes import ROUTES, HealthRoute, PredictRoute, Route
+from runtime.serving._wire import coalesce_response_writes
 
 __all__ = [
     "ARROW_STREAM",
@@ -72,6 +73,7 @@ __all__ = [
     "buffered_requests",
     "build_predictor_app",
     "check_parity",
+    "coalesce_response_writes",
     "control_actor",
     "decode_request",
     "deploy_config",

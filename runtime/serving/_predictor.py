@@ -53,6 +53,7 @@ from runtime.serving._auth import ApiKeyAuth
 from runtime.serving._codec import HttpError, decode_request, encode_response, is_arrow
 from runtime.serving._grpc import bind_grpc_to_front_host
 from runtime.serving._routes import ROUTES, UNKNOWN_ROUTE
+from runtime.serving._wire import coalesce_response_writes
 
 logger = logging.getLogger("ray.serve")
 INLINE_ROWS = 512
@@ -170,6 +171,7 @@ class Predictor:
         self.metrics = self._metrics()
         self.live = self._live_monitor()
         bind_grpc_to_front_host()  # before Serve starts this replica's own gRPC server (after __init__)
+        coalesce_response_writes()  # and before its HTTP server: a response's head and body in one write
         self._publish_device_memory()
         self._batched_predict.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
         self._batched_predict.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
