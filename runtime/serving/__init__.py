@@ -2,7 +2,7 @@
 
 from runtime.serving._auth import DEFAULT_API_KEY_ENV, ApiKeyAuth
 from runtime.serving._codec import ARROW_STREAM, JSON, HttpError, decode_request, encode_response, is_arrow
-from runtime.serving._deploy import deploy_config, run_app, validate_serve_config
+from runtime.serving._deploy import APP_LOGGING, deploy_config, run_app, validate_serve_config
 from runtime.serving._grpc import (
     GRPC_STATUS,
     PREDICT_METHOD,
@@ -37,6 +37,7 @@ from runtime.serving._routes import ROUTES, HealthRoute, PredictRoute, Route
 from runtime.serving._wire import coalesce_response_writes
 
 __all__ = [
+    "APP_LOGGING",
     "ARROW_STREAM",
     "DEFAULT_API_KEY_ENV",
     "GRPC_STATUS",

@@ -127,6 +127,40 @@ def test_json_requests_are_batched_and_bulk_arrow_matches_offline(
     assert health["device"] == {"device": "cpu", "precision": "fp32"}  # device: auto without a GPU
 
 
+def test_the_shipped_app_logging_writes_no_serve_access_line_per_request(
+    serve_clean: int, models: tuple[Path, Path], data: pa.Table
+) -> None:
+    """``run_app``'s default logging (the shipped config's): Serve's access log is off. An app that
+    asks for it gets its lines, so the check looks where Serve writes them."""
+    import ray
+
+    body = json.dumps({"instances": _raw(data).slice(0, 1).to_pylist()})
+    endpoints = {"quiet": _deploy("quiet", serve_clean, {"model_uri": str(models[0])})}
+    run_app(
+        build_predictor_app({"model_uri": str(models[0])}),
+        name="logged",
+        route_prefix="/logged",
+        logging_config={"enable_access_log": True},
+    )
+    endpoints["logged"] = f"http://127.0.0.1:{serve_clean}/logged"
+    wait_for_condition(lambda: httpx.get(f"{endpoints['logged']}/healthz", timeout=5).status_code == 200, timeout=60)
+    # Ray's throughput-optimized mode buffers the replica's request-path log records, 1,000 at a time
+    with httpx.Client(timeout=30) as client:
+        for endpoint in endpoints.values():
+            for _ in range(1_050):
+                r = client.post(f"{endpoint}/predict", content=body, headers={"content-type": "application/json"})
+                assert r.status_code == 200
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+    def access_lines(app: str) -> list[str]:
+        files = list(logs.glob(f"replica_{app}_Predictor_*.log"))
+        assert files, sorted(p.name for p in logs.iterdir())
+        return [line for f in files for line in f.read_text().splitlines() if f"POST /{app} 200" in line]
+
+    wait_for_condition(lambda: len(access_lines("logged")) >= 900, timeout=30, message="Serve's access lines")
+    assert access_lines("quiet") == []
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
