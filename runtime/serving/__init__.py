@@ -13,7 +13,7 @@ from runtime.serving._grpc import (
     grpc_status,
     predict_stub,
 )
-from runtime.serving._ingress import buffered_requests, ingress_options, loopback_binds
+from runtime.serving._ingress import buffered_requests, ingress_options, loopback_binds, unwatched_disconnects
 from runtime.serving._ingress import state_dir as ingress_state_dir
 from runtime.serving._judge import ArmWindow, Check, Disagreement, JudgeThresholds, Verdict, judge, window_metrics
 from runtime.serving._metrics import MAX_LABEL_VALUES, ServingMetrics, exported_names, feature_buckets
@@ -98,6 +98,7 @@ __all__ = [
     "run_app",
     "run_rollout",
     "stable_unit",
+    "unwatched_disconnects",
     "validate_serve_config",
     "window_metrics",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import ServingError
-from runtime.serving import buffered_requests, ingress_options, ingress_state_dir, loopback_binds
+from runtime.serving import buffered_requests, ingress_options, ingress_state_dir, loopback_binds, unwatched_disconnects
 from tests.conftest import free_port
 
 # The shape of the config Ray 2.60's HAProxy mode writes (haproxy_templates.py), cut down.
@@ -74,6 +74,7 @@ def test_the_launcher_rewrites_the_config_then_runs_rays_haproxy(tmp_path: Path)
         assert "Configuration file is valid" in done.stdout + done.stderr
         assert "bind 127.0.0.1:9101" in config.read_text() and "bind 127.0.0.1:8404" in config.read_text()
         assert "option http-buffer-request" in config.read_text()  # a dead replica's requests are replayed
+        assert "http-request set-header x-request-disconnect-disabled ?1" in config.read_text()
     finally:
         shutil.rmtree(state, ignore_errors=True)
 
@@ -134,6 +135,17 @@ def test_requests_are_buffered_once_so_haproxy_can_replay_them() -> None:
     once = buffered_requests(_config("127.0.0.1"))
     assert once.count("option http-buffer-request") == 1 and buffered_requests(once) == once
     assert once.index("option http-buffer-request") > once.index("\ndefaults\n")
+
+
+def test_the_front_asks_replicas_not_to_watch_for_disconnects_once() -> None:
+    """Ray's own header (``x-request-disconnect-disabled: ?1``), set in the HTTP front before it
+    picks a backend: the replica runs each request without Serve's disconnect-watching task."""
+    once = unwatched_disconnects(_config("127.0.0.1"))
+    line = "    http-request set-header x-request-disconnect-disabled ?1\n"
+    assert once.count(line) == 1 and unwatched_disconnects(once) == once
+    front = once[once.index("frontend http_frontend") :]
+    assert front.index(line) < front.index("default_backend") < front.index("\nbackend ")
+    assert unwatched_disconnects("global\n    maxconn 16\n") == "global\n    maxconn 16\n"
 
 
 def test_stale_state_dirs_are_pruned_and_live_young_or_foreign_ones_kept(tmp_path: Path) -> None:
