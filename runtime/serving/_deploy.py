@@ -83,18 +83,20 @@ def _local_gpu_total() -> int | None:
 
 # The application logging of the shipped config (serve_apps/configs/churn.yaml says the same):
 # Serve's per-request access log off. Each line is formatted and written by the replica's event
-# loop, in line with the request (~4% of a replica's time at one request in flight); the
-# prediction log (monitoring) keeps every request by its id, and ``logging_config:
-# {enable_access_log: true}`` in a Serve config turns Serve's lines back on.
+# loop, in line with the request (~4% of a replica's time at one request in flight). Without it
+# no line per request is written: the prediction log (monitoring on) keeps answered predictions
+# by request id, and the skewless_serve_requests counter counts every answer by route and status
+# (4xx/5xx included). ``logging_config: {enable_access_log: true}`` in a Serve config, or
+# ``run_app(..., logging_config={...})``, turns Serve's lines back on.
 APP_LOGGING: dict[str, Any] = {"enable_access_log": False}
 
 
-def run_app(app: Any, name: str, route_prefix: str, logging_config: dict[str, Any] | None = None) -> None:
+def run_app(app: Any, name: str, route_prefix: str, logging_config: Any = None) -> None:
     """``serve.run`` that, when replicas fail to start, raises with *their* error messages.
 
     Serve's own exception only says "Failed to update the deployments"; the cause (a
     fingerprint mismatch, a missing model) is in the deployment status. ``logging_config`` is
-    the application's (Serve's ``LoggingConfig`` fields); default :data:`APP_LOGGING`.
+    the application's (a Serve ``LoggingConfig`` or its fields); default :data:`APP_LOGGING`.
     """
     from ray import serve
 
@@ -103,7 +105,7 @@ def run_app(app: Any, name: str, route_prefix: str, logging_config: dict[str, An
             app,
             name=name,
             route_prefix=route_prefix,
-            logging_config=dict(APP_LOGGING if logging_config is None else logging_config),
+            logging_config=dict(APP_LOGGING) if logging_config is None else logging_config,
         )
     except RuntimeError as exc:
         try:

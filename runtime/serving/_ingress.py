@@ -33,8 +33,9 @@ on the machine, and are fixed here:
   launcher asks the kernel to SIGTERM HAProxy when its parent dies (``PR_SET_PDEATHSIG``).
 
 For speed at one request in flight, the launcher also has HAProxy's HTTP front set Ray's own
-``x-request-disconnect-disabled: ?1`` header (:func:`unwatched_disconnects`): each replica then
-skips the task Serve runs beside every request to cancel it if the client leaves.
+``x-request-disconnect-disabled: ?1`` header on requests with small bodies
+(:func:`unwatched_disconnects`): each replica then skips the task Serve runs beside such a
+request to cancel it if the client leaves.
 
 Serve's options reach its controller through ``controller_options.runtime_env.env_vars``
 (Ray's own field, honoured by ``serve.start``, ``serve run`` and ``serve deploy``; replicas
@@ -109,18 +110,24 @@ def buffered_requests(config: str) -> str:
 
 def unwatched_disconnects(config: str) -> str:
     """``config`` with HAProxy's HTTP front adding Ray's ``x-request-disconnect-disabled: ?1`` to
-    each request: the replica then runs the request in its own task, without the second task and
-    ``asyncio.wait`` Serve uses to cancel it when the client goes away (~5% of a replica's time at
-    one request in flight here). A prediction takes milliseconds; a client that leaves gets it
-    computed and dropped. Serve's request timeout (``http_options.request_timeout_s``), when set,
-    still applies: Ray keeps the watching task for it. Unchanged without an ``http_frontend``."""
+    each request with a body of at most 64 KiB (``Content-Length``): the replica then runs it
+    without the second task and ``asyncio.wait`` Serve uses to cancel a request whose client
+    went away (~5% of a replica's time at one request in flight here). A small request is
+    answered in milliseconds; one whose client leaves is computed and dropped. A larger body (a
+    bulk Arrow request), one without a length, and every GET keep Serve's watch, and so does a
+    request timeout (``http_options.request_timeout_s``) where one is set. The front serves every
+    Serve app on the node, so this holds for all of them. Unchanged without an
+    ``http_frontend``."""
     import re
 
     if "x-request-disconnect-disabled" in config:
         return config
     return re.sub(
-        r"^(frontend http_frontend\n(?:(?![ \t]*(?:use_backend|default_backend)[ \t])[^\n]*\n)*)",
-        lambda m: m.group(1) + "    http-request set-header x-request-disconnect-disabled ?1\n",
+        r"^(frontend http_frontend\n(?:(?![ \t]*(?:use_backend|default_backend)[ \t])(?!(?:frontend|backend|listen)[ \t])[^\n]*\n)*)",
+        lambda m: (
+            m.group(1)
+            + "    http-request set-header x-request-disconnect-disabled ?1 if { req.hdr_val(content-length) le 65536 }\n"
+        ),
         config,
         count=1,
         flags=re.M,

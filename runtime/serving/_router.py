@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, Response
 from runtime.serving._auth import ApiKeyAuth
 from runtime.serving._codec import HttpError
 from runtime.serving._predictor import Answer, read_body, request_id_of
+from runtime.serving._wire import coalesce_response_writes
 
 logger = logging.getLogger("ray.serve")
 
@@ -188,6 +189,7 @@ def _is_model_answer(exc: BaseException) -> bool:
 @serve.deployment(name="Router", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 class Router:
     def __init__(self, arms: dict[str, Any], args: dict[str, Any]) -> None:
+        coalesce_response_writes()  # the rollout's HTTP ingress: an answer's head and body in one write
         self.handles = dict(arms)
         self.app = args["app"]
         self.auth = ApiKeyAuth.for_app(args.get("api_key"), args.get("api_key_env"))

@@ -13,9 +13,14 @@ nothing: ``retry-on empty-response``), and the client sees a truncated response.
 :func:`coalesce_response_writes` makes uvicorn hold the status line and headers until the first
 body write and send both in one ``write``: a replica that dies before that write has sent
 nothing, and HAProxy retries the request elsewhere. Streaming responses still stream (the
-headers go out with their first chunk). Applied in each predictor replica before Serve starts
-its HTTP server; a uvicorn without the ``httptools`` protocol (or whose protocol lacks what
-this wraps) is left as it is.
+headers go out with their first chunk); a body over :data:`COALESCE_MAX_BYTES` (a bulk Arrow
+answer) follows its head in a write of its own, as before. One consequence: an app that fails
+after starting its response (before any body) now sends nothing rather than a bare head, so
+HAProxy replays the request on another replica (``retry-on empty-response``); the predictor and
+the rollout router answer with Starlette responses, which send the head and body back to back.
+Applied in each predictor and router replica before Serve starts its HTTP server; a uvicorn
+without the ``httptools`` protocol is left as it is (uvicorn is pinned in ``constraints.txt``
+and ``tests/unit/test_serving_wire.py`` runs this against it).
 """
 
 from __future__ import annotations
@@ -25,19 +30,26 @@ from typing import Any
 __all__ = ["coalesce_response_writes"]
 
 
+# A body up to this size is copied behind its head into one write; a larger one follows the head
+# in its own write (as uvicorn writes it), since copying megabytes costs more than a segment and
+# the kernel may send a write that large in parts anyway.
+COALESCE_MAX_BYTES = 64 << 10
+
+
 class _HeldWrites:
-    """Stands in for the transport while uvicorn writes a response's head: keeps the bytes."""
+    """Stands in for the transport while uvicorn writes a response's head: keeps the bytes;
+    anything else uvicorn asks of the transport goes to the real one."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "transport")
 
-    def __init__(self) -> None:
-        self.data = b""
+    def __init__(self, transport: Any) -> None:
+        self.transport, self.data = transport, b""
 
     def write(self, data: bytes) -> None:
         self.data += data
 
-    def close(self) -> None:  # not reached while writing a head; kept for the protocol's sake
-        pass
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 class _HeadFirst:
@@ -50,12 +62,21 @@ class _HeadFirst:
 
     def write(self, data: bytes) -> None:
         head, self.head = self.head, b""
-        self.transport.write(head + data if head else data)
+        if not head:
+            self.transport.write(data)
+        elif len(data) <= COALESCE_MAX_BYTES:
+            self.transport.write(head + data)
+        else:
+            self.transport.write(head)
+            self.transport.write(data)
 
     def close(self) -> None:
         if self.head:
             self.write(b"")
         self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 def coalesce_response_writes() -> bool:
@@ -71,8 +92,8 @@ def coalesce_response_writes() -> bool:
 
     async def send(self: Any, message: Any) -> None:
         if message["type"] == "http.response.start" and not self.response_started:
-            transport, held = self.transport, _HeldWrites()
-            self.transport = held
+            transport = self.transport
+            self.transport = held = _HeldWrites(transport)
             try:
                 await original(self, message)
             finally:

@@ -325,6 +325,14 @@ def test_sticky_ab_keeps_each_key_on_its_arm(
     try:
         wait_for_condition(lambda: rollout_status(app).get("step") == 0, timeout=120, message="the A/B split is live")
         _wait_routable(url)
+        # each router replica applies the split at its next poll (POLL_S): until then it routes by
+        # the deploy-time weights, and a key would meet both arms
+        split = int(rollout_status(app)["config_version"])
+        wait_for_condition(
+            lambda: all(httpx.get(f"{url}/healthz", timeout=5).json()["config_version"] >= split for _ in range(8)),
+            timeout=30,
+            message="both routers on the split",
+        )
         body = json.dumps({"instances": rows.drop_columns(["churned"]).slice(0, 1).to_pylist()})
         seen: dict[str, set[str]] = {}
         with httpx.Client(timeout=30) as client:

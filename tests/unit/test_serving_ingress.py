@@ -74,7 +74,7 @@ def test_the_launcher_rewrites_the_config_then_runs_rays_haproxy(tmp_path: Path)
         assert "Configuration file is valid" in done.stdout + done.stderr
         assert "bind 127.0.0.1:9101" in config.read_text() and "bind 127.0.0.1:8404" in config.read_text()
         assert "option http-buffer-request" in config.read_text()  # a dead replica's requests are replayed
-        assert "http-request set-header x-request-disconnect-disabled ?1" in config.read_text()
+        assert "http-request set-header x-request-disconnect-disabled ?1 if {" in config.read_text()
     finally:
         shutil.rmtree(state, ignore_errors=True)
 
@@ -141,7 +141,7 @@ def test_the_front_asks_replicas_not_to_watch_for_disconnects_once() -> None:
     """Ray's own header (``x-request-disconnect-disabled: ?1``), set in the HTTP front before it
     picks a backend: the replica runs each request without Serve's disconnect-watching task."""
     once = unwatched_disconnects(_config("127.0.0.1"))
-    line = "    http-request set-header x-request-disconnect-disabled ?1\n"
+    line = "    http-request set-header x-request-disconnect-disabled ?1 if { req.hdr_val(content-length) le 65536 }\n"
     assert once.count(line) == 1 and unwatched_disconnects(once) == once
     front = once[once.index("frontend http_frontend") :]
     assert front.index(line) < front.index("default_backend") < front.index("\nbackend ")

@@ -30,7 +30,7 @@ def predictor(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Calls]:
     p._json_in_flight = 0
     p._decode = lambda content_type, body: pa.table({"x": [int(body)]})
 
-    async def run_model(table: pa.Table) -> str:
+    def predict_now(table: pa.Table) -> Any:
         calls.alone.append(table["x"][0].as_py())
         return "preds"
 
@@ -39,7 +39,7 @@ def predictor(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Calls]:
         await asyncio.sleep(0)  # a batch queue answers on a later turn of the loop
         return "preds", 2
 
-    p._run_model, p._batched_predict = run_model, batched
+    p._predict_or_error, p._batched_predict = predict_now, batched
     monkeypatch.setattr(_predictor, "encode_response", lambda preds, identity, arrow, request_id: (b"{}", "json"))
     return p, calls
 
@@ -78,13 +78,30 @@ def test_requests_that_arrive_together_share_the_batch_queue(predictor: tuple[An
     assert p._json_in_flight == 0
 
 
-def test_the_count_comes_back_down_when_the_model_refuses(predictor: tuple[Any, Calls]) -> None:
+def test_a_large_lone_request_goes_through_the_queue(predictor: tuple[Any, Calls]) -> None:
+    """Over INLINE_ROWS the model runs in a thread: through the queue, JSON model calls stay one at a time."""
+    p, calls = predictor
+    p._decode = lambda content_type, body: pa.table({"x": [int(body)] * (_predictor.INLINE_ROWS + 1)})
+    asyncio.run(p._predict_body("application/json", b"7", "r7"))
+    assert calls.queued == [7] and calls.alone == []
+
+
+def test_a_lone_requests_bad_row_is_its_4xx(predictor: tuple[Any, Calls]) -> None:
+    """The model's schema refusal comes back as an HttpError value (as from the queue) and is raised."""
+    p, _ = predictor
+    p._predict_or_error = lambda table: _predictor.HttpError(422, "x", None, "must not be null")
+    with pytest.raises(_predictor.HttpError) as caught:
+        asyncio.run(p._predict_body("application/json", b"1", "r1"))
+    assert caught.value.status == 422 and p._json_in_flight == 0
+
+
+def test_the_count_comes_back_down_when_the_model_fails(predictor: tuple[Any, Calls]) -> None:
     p, _ = predictor
 
-    async def refuse(table: pa.Table) -> Any:
+    def fail(table: pa.Table) -> Any:
         raise RuntimeError("model failed")
 
-    p._run_model = refuse
+    p._predict_or_error = fail
     with pytest.raises(RuntimeError):
         asyncio.run(p._predict_body("application/json", b"1", "r1"))
     assert p._json_in_flight == 0

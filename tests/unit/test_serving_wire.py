@@ -136,3 +136,53 @@ def test_a_client_gone_before_the_body_gets_nothing(coalesced: None) -> None:
 
     asyncio.run(go())
     assert rec.writes == []
+
+
+def test_head_with_connection_close_writes_the_head_before_closing(coalesced: None) -> None:
+    rec = Recorder()
+    _respond(_cycle(rec, method="HEAD", keep_alive=False), b"", headers=LENGTH)
+    assert len(rec.writes) == 1 and rec.writes[0].startswith(b"HTTP/1.1 200") and rec.closed
+
+
+def test_a_204_goes_out_whole(coalesced: None) -> None:
+    rec = Recorder()
+
+    async def go() -> None:
+        cycle = _cycle(rec)
+        await cycle.send({"type": "http.response.start", "status": 204, "headers": []})
+        await cycle.send({"type": "http.response.body", "body": b""})
+
+    asyncio.run(go())
+    assert len(rec.writes) == 1 and rec.writes[0].startswith(b"HTTP/1.1 204") and rec.writes[0].endswith(b"\r\n\r\n")
+
+
+def test_a_large_body_follows_its_head_without_a_copy(coalesced: None) -> None:
+    from runtime.serving._wire import COALESCE_MAX_BYTES
+
+    big = b"x" * (COALESCE_MAX_BYTES + 1)
+    rec = Recorder()
+    _respond(_cycle(rec), big, headers=[(b"content-length", str(len(big)).encode())])
+    assert len(rec.writes) == 2 and rec.writes[0].startswith(b"HTTP/1.1 200") and rec.writes[1] == big
+
+
+def test_a_failing_send_puts_the_transport_back(coalesced: None) -> None:
+    """uvicorn refuses a body longer than its Content-Length: the cycle keeps its real transport."""
+    rec = Recorder()
+    cycle = _cycle(rec)
+
+    async def go() -> None:
+        await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await cycle.send({"type": "http.response.body", "body": b"too long"})
+
+    with pytest.raises(RuntimeError, match="longer than Content-Length"):
+        asyncio.run(go())
+    assert cycle.transport is rec and rec.writes == []
+
+
+def test_the_stand_ins_answer_for_the_transport(coalesced: None) -> None:
+    """What else uvicorn may ask of the transport mid-send (is_closing, ...) reaches the real one."""
+    from runtime.serving._wire import _HeadFirst, _HeldWrites
+
+    rec = Recorder()
+    rec.closed = True
+    assert _HeldWrites(rec).is_closing() is True and _HeadFirst(rec, b"h").is_closing() is True
